@@ -149,6 +149,8 @@ class Emitter:
         if self.logits not in self.active:
             raise UnsupportedModelError("the model's output does not depend on its input")
         self._check_rules()
+        if epsilon is not None:
+            self._plan_epsilon()
 
     # ------------------------------------------------------------------ analysis
 
@@ -257,36 +259,47 @@ class Emitter:
                     return self.enc.call_method("clone", (x,))
         return x
 
+    def _plan_epsilon(self):
+        """Where LRP-epsilon acts, decided on the untouched graph: at each layer output z (conv / linear / BN, a
+        conv feeding only a BN counts once, at the BN, as zennit's canonizer merges them). If z feeds only an
+        elementwise activation f, that activation's gate becomes f(z) / (z + eps sign z); otherwise the cotangent
+        at z is scaled by z / (z + eps sign z)."""
+        def module(n):
+            return self._module(n) if isinstance(n, fx.Node) else None
+
+        def is_layer_output(n):
+            if not isinstance(n, fx.Node) or n not in self.active or not rules.is_layer(n.target, module(n)):
+                return False
+            users = list(n.users)
+            return not (len(users) == 1 and isinstance(module(users[0]), nn.modules.batchnorm._BatchNorm))
+
+        self.eps_gates: dict[fx.Node, fx.Node] = {}  # activation node -> its layer output z
+        self.eps_outputs: set[fx.Node] = set()
+        for n in self.enc.nodes:
+            if not is_layer_output(n):
+                continue
+            users = list(n.users)
+            if len(users) == 1 and rules.activation_fn(users[0].target, module(users[0])) is not None:
+                self.eps_gates[users[0]] = n
+            else:
+                self.eps_outputs.add(n)
+
     def _reverse(self, step: Step) -> list[tuple[fx.Node, Any]]:
         node, module = step.node, step.module
         if self.epsilon is not None:
-            act = rules.activation_fn(node.target, module)
-            z = node.args[0] if node.args else None
-            if act is not None and self._is_layer_output(z) and len(z.users) == 1:
-                # LRP-epsilon: the activation after a layer output z scales the cotangent by f(z)/(z + eps sign z)
+            if node in self.eps_gates:  # gate f(z) / (z + eps sign z) instead of f'(z)
+                z = self.eps_gates[node]
                 with self.enc.inserting_before(node):
-                    a = act(step, fx.Proxy(z)).node
+                    a = rules.activation_fn(node.target, module)(step, fx.Proxy(z)).node
                 ratio = step.save(ops.epsilon_ratio, a, z, self.epsilon, name="eps_ratio")
                 return [(z, step.q * ratio.unsqueeze(1))]
-            if self._is_layer_output(node) and not self._feeds_activation(node):
+            if node in self.eps_outputs:
                 ratio = step.save(ops.epsilon_ratio, node, node, self.epsilon, name="eps_ratio", after=True)
                 step.q = step.q * ratio.unsqueeze(1)
         result = rules.lookup(node.target, module, self.overrides)(step)
         if isinstance(result, fx.Proxy):
             return [(step.x, result)]
         return list(result)
-
-    def _is_layer_output(self, node: Any) -> bool:
-        """Conv / linear / batch-norm outputs, where conv->BN counts once, at the BN (merged as zennit does)."""
-        if not isinstance(node, fx.Node) or not rules.is_layer(node.target, self._module(node)):
-            return False
-        users = list(node.users)
-        merged_into_bn = (len(users) == 1 and isinstance(self._module(users[0]), nn.modules.batchnorm._BatchNorm))
-        return not merged_into_bn
-
-    def _feeds_activation(self, node: fx.Node) -> bool:
-        users = list(node.users)
-        return len(users) == 1 and rules.activation_fn(users[0].target, self._module(users[0])) is not None
 
     def _name(self, q: Any, node: fx.Node):
         # Name cotangent nodes after the forward value they belong to: the decoder's code then reads like the math.
