@@ -349,3 +349,21 @@ def test_plain_convnet_output_pixel_sees_exactly_its_window(kernel_size, pixel):
 def test_plain_convnet_rejects_even_kernels():
     with pytest.raises(ValueError, match="odd kernel_size"):
         zoo.PlainConvNet(4)
+
+
+def test_wsae_is_tied_and_differs_from_gradient():
+    """WS-AE shares the classifier's weights, and its ReLU-on-signal decoder is not input x gradient."""
+    import unroll
+    from zoo import WSAE
+
+    clf = zoo.SmallVGG(num_classes=4, in_channels=1).eval()
+    wsae = WSAE(clf)
+    assert {id(p) for p in wsae.parameters()} == {id(p) for p in clf.parameters()}
+    x = torch.randn(2, 1, 32, 32)
+    out = wsae(x)
+    assert out.seg.shape == (2, 4, 32, 32)
+    torch.testing.assert_close(out.logits, clf(x))
+    ixg = unroll.compile(clf)(x).heatmaps
+    assert (out.seg - ixg).abs().max() > 1e-3 * ixg.abs().max()
+    out.seg.square().mean().backward()
+    assert clf.features[0].weight.grad.abs().sum() > 0

@@ -21,7 +21,7 @@ class SegOutput(NamedTuple):
 from zoo.backbones import Stage, classifier, classifier_head, encoder_stages, load_checkpoint, run_stages  # noqa: E402
 from zoo.small import PlainConvNet, SmallVGG  # noqa: E402
 from zoo.unet import MultiTaskUNet, UNet  # noqa: E402
-from zoo.baselines import FCN  # noqa: E402
+from zoo.baselines import FCN, WSAE  # noqa: E402
 
 __all__ = [
     "SegOutput",
@@ -36,4 +36,5 @@ __all__ = [
     "UNet",
     "MultiTaskUNet",
     "FCN",
+    "WSAE",
 ]
