@@ -96,42 +96,39 @@ def make(name, batch):
     return model, x
 
 
-@pytest.mark.parametrize("name", cases())
-@pytest.mark.parametrize("batch", [1, 3])
-def test_heatmaps_and_gradients_equal_autograd(name, batch):
-    model, x = make(name, batch)
-    net = unroll.compile(model)
-    with torch.no_grad():
-        out = net(x)
-        grads = net.gradients(x)
-    ref_grads, ref_logits = autograd_gradients(model, x)
-    ref_heat = (ref_grads * x.unsqueeze(1)).sum(2)
-    assert out.heatmaps.shape == (batch, K, *x.shape[2:])
-    assert ref_heat.abs().max() > 0
-    assert relative_error(out.logits, ref_logits.detach()) < 1e-12
-    assert relative_error(out.heatmaps, ref_heat) < 1e-8
-    assert relative_error(grads, ref_grads) < 1e-8
-
-
 def heatmap_loss(heatmaps, target, weights):
     """Pixel-wise softmax cross-entropy over the class heatmaps plus a random weighted sum."""
     return F.cross_entropy(heatmaps, target) + (heatmaps * weights).sum()
 
 
 @pytest.mark.parametrize("name", cases())
-def test_parameter_gradients_equal_double_backprop(name):
-    model, x = make(name, 2)
-    g = torch.Generator().manual_seed(1)
-    target = torch.randint(0, K, (2, *x.shape[2:]), generator=g)
-    weights = torch.randn(2, K, *x.shape[2:], generator=g, dtype=torch.double)
-    params = [p for p in model.parameters()]
-
-    grads, _ = autograd_gradients(model, x, create_graph=True)  # double backprop: the reference
-    ref = torch.autograd.grad(heatmap_loss((grads * x.unsqueeze(1)).sum(2), target, weights), params,
-                              allow_unused=True)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_equals_autograd(name, batch):
+    """Heatmaps and input gradients equal per-class autograd (1e-8 relative); with batch 3, the parameter gradients
+    of a heatmap loss through the decoder equal autograd double backprop (create_graph=True) to 1e-7 relative."""
+    model, x = make(name, batch)
+    train = batch == 3
     net = unroll.compile(model)
-    ours = torch.autograd.grad(heatmap_loss(net(x).heatmaps, target, weights), params, allow_unused=True)
+    with torch.set_grad_enabled(train):
+        out = net(x)
+    with torch.no_grad():
+        grads = net.gradients(x)
+    ref_grads, ref_logits = autograd_gradients(model, x, create_graph=train)
+    ref_heat = (ref_grads * x.unsqueeze(1)).sum(2)
+    assert out.heatmaps.shape == (batch, K, *x.shape[2:])
+    assert ref_heat.abs().max() > 0
+    assert relative_error(out.logits, ref_logits) < 1e-12
+    assert relative_error(out.heatmaps, ref_heat) < 1e-8
+    assert relative_error(grads, ref_grads) < 1e-8
+    if not train:
+        return
 
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, K, (batch, *x.shape[2:]), generator=g)
+    weights = torch.randn(batch, K, *x.shape[2:], generator=g, dtype=torch.double)
+    params = list(model.parameters())
+    ref = torch.autograd.grad(heatmap_loss(ref_heat, target, weights), params, allow_unused=True)
+    ours = torch.autograd.grad(heatmap_loss(out.heatmaps, target, weights), params, allow_unused=True)
     scale = max(r.abs().max() for r in ref if r is not None)
     assert scale > 0
     for p, r, o in zip(params, ref, ours):

@@ -127,6 +127,7 @@ class Emitter:
     def __init__(self, root: nn.Module, graph: fx.Graph, epsilon: float | None, overrides: dict | None):
         self.root, self.enc, self.epsilon, self.overrides = root, graph, epsilon, overrides or {}
         self.dec = fx.Graph()
+        self.tracer = fx.proxy.GraphAppendingTracer(self.dec)  # one tracer: proxies from rules must mix freely
         self.saved: list[tuple[fx.Node, bool]] = []  # forward values the decoder reads, in placeholder order
         self.shapes: dict[fx.Node, fx.Proxy] = {}
         self._attrs: dict[str, fx.Proxy] = {}
@@ -205,7 +206,7 @@ class Emitter:
             with self.dec.inserting_after(self._last_placeholder):
                 node = self.dec.placeholder(name)
         self._last_placeholder = node
-        return fx.Proxy(node)
+        return fx.Proxy(node, self.tracer)
 
     def saved_input(self, value: fx.Node, name: str, batched: bool) -> fx.Proxy:
         self.saved.append((value, batched))
@@ -213,7 +214,7 @@ class Emitter:
 
     def decoder_attr(self, target: str) -> fx.Proxy:
         if target not in self._attrs:
-            self._attrs[target] = fx.Proxy(self.dec.get_attr(target))
+            self._attrs[target] = fx.Proxy(self.dec.get_attr(target), self.tracer)
         return self._attrs[target]
 
     # ------------------------------------------------------------------ emission

@@ -24,6 +24,7 @@ def autograd_heatmaps(model: nn.Module, x: torch.Tensor, classes=None, create_gr
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max |ours - reference| / max |reference| (0 when both are exactly zero)."""
+    ours, reference = ours.detach(), reference.detach()
     scale = reference.abs().max()
     diff = (ours - reference).abs().max()
     if scale == 0:

@@ -1,0 +1,207 @@
+"""One small model per rule, each checked against autograd in float64 (heatmaps, input gradients, and the
+parameter gradients of a heatmap loss against double backprop). Adding an op = one rule + one case here."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import unroll
+from unroll.verify import autograd_gradients, relative_error
+
+from conftest import randomize
+
+K = 3
+
+
+class Net(nn.Module):
+    """conv -> body(op under test) -> global average pool -> linear: a classifier around one op."""
+
+    def __init__(self, body, c_in=3, c=6, dims=2, head_in=None):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        self.conv = conv(c_in, c, 3, padding=1)
+        self.body = body
+        self.fc = nn.Linear(head_in or c, K)
+
+    def forward(self, x):
+        y = self.body(F.relu(self.conv(x)))
+        return self.fc(y.flatten(2).mean(2))
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn, **modules):
+        super().__init__()
+        self.fn = fn
+        for k, m in modules.items():
+            setattr(self, k, m)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def chunk_cat(self, x):
+    a, b = x.chunk(2, dim=1)
+    return torch.cat([F.relu(b), a], dim=1)
+
+
+def shuffle(self, x):
+    b, c, h, w = x.size()
+    x = x.view(b, 2, c // 2, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+def slicing(self, x):
+    return x[:, 1:5, 1:-1, ::2]
+
+
+def unused_part(self, x):
+    a, _ = torch.split(x, [2, 4], dim=1)
+    return a * 2.0
+
+
+def unbind_add(self, x):
+    b, c, h, w = x.shape
+    u, v = x.reshape(b, 2, c // 2, h, w).unbind(1)
+    return u - v
+
+
+def permutes(self, x):
+    return x.permute(0, 2, 3, 1).relu().permute(0, 3, 1, 2)
+
+
+def broadcast(self, x):
+    return x + x.mean(1, keepdim=True) - 0.5 * x[:, :1]
+
+
+def constants(self, x):
+    return -(x * self.scale) / 3.0 + self.scale
+
+
+def flatten_unflatten(self, x):
+    return torch.flatten(x, 1).view(x.shape[0], x.shape[1], -1)  # (B, C, H*W): a 1-d "spatial" map
+
+
+CASES = {
+    "conv_stride2_odd": (nn.Conv2d(6, 6, 3, stride=2, padding=1), 2),
+    "conv_same_even_kernel": (nn.Conv2d(6, 6, 4, padding="same"), 2),
+    "conv_dilated_strided": (nn.Conv2d(6, 6, 3, stride=3, dilation=2, padding=2), 2),
+    "conv_depthwise": (nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), 2),
+    "conv_grouped_valid": (nn.Conv2d(6, 6, 2, groups=2, padding="valid"), 2),
+    "conv1d": (nn.Conv1d(6, 6, 5, stride=2, padding=2), 1),
+    "maxpool_overlap_ceil": (nn.MaxPool2d(3, stride=2, padding=1, dilation=2, ceil_mode=True), 2),
+    "maxpool_functional": (Lambda(lambda s, x: F.max_pool2d(x, 2)), 2),
+    "maxpool1d": (nn.MaxPool1d(3, 2, 1), 1),
+    "adaptive_maxpool": (nn.AdaptiveMaxPool2d((3, 2)), 2),
+    "avgpool_ceil_no_pad_count": (nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False), 2),
+    "avgpool_divisor": (nn.AvgPool2d(2, divisor_override=3), 2),
+    "adaptive_avgpool_up_and_down": (nn.AdaptiveAvgPool2d((5, 11)), 2),
+    "adaptive_avgpool1d": (nn.AdaptiveAvgPool1d(4), 1),
+    "mean_keepdim": (Lambda(lambda s, x: x.mean((-1,), keepdim=True) * x), None),  # product with an active: error
+    "leaky_relu": (nn.LeakyReLU(0.1), 2),
+    "relu6": (nn.Sequential(nn.Conv2d(6, 6, 1), nn.ReLU6()), 2),
+    "hardtanh": (nn.Sequential(nn.Conv2d(6, 6, 1), nn.Hardtanh(-0.5, 0.7)), 2),
+    "batchnorm_eval": (nn.BatchNorm2d(6), 2),
+    "chunk_cat": (Lambda(chunk_cat), 2),
+    "channel_shuffle": (Lambda(shuffle), 2),
+    "slicing": (Lambda(slicing), 2),
+    "unused_split_part": (Lambda(unused_part), 2),
+    "unbind": (Lambda(unbind_add), 2),
+    "permute": (Lambda(permutes), 2),
+    "broadcast_add_sub": (Lambda(broadcast), 2),
+    "constants": (Lambda(constants, scale=nn.Parameter(torch.rand(1, 6, 1, 1) + 0.5)), 2),
+    "flatten_view": (Lambda(flatten_unflatten), 2),
+    "identity_dropout_eval": (nn.Sequential(nn.Identity(), nn.Dropout(0.3)), 2),
+}
+
+
+def case_model(name):
+    body, dims = CASES[name]
+    c_out = {"slicing": 4, "unused_split_part": 2, "unbind": 3}.get(name)
+    model = randomize(Net(body, dims=dims, head_in=c_out))
+    shape = (2, 3, 23) if dims == 1 else (2, 3, 13, 11)
+    return model, torch.randn(*shape, dtype=torch.double)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][1] is not None])
+def test_rule_matches_autograd(name):
+    model, x = case_model(name)
+    net = unroll.compile(model)
+    out = net(x)
+    ref_grads, _ = autograd_gradients(model, x, create_graph=True)
+    ref_heat = (ref_grads * x.unsqueeze(1)).sum(2)
+    assert ref_heat.abs().max() > 0
+    assert relative_error(out.heatmaps, ref_heat) < 1e-10
+    assert relative_error(net.gradients(x), ref_grads) < 1e-10
+    # parameter gradients of a heatmap loss: decoder backprop == double backprop
+    w = torch.randn_like(ref_heat)
+    params = list(model.parameters())
+    ref = torch.autograd.grad((ref_heat * w).sum() + ref_heat.square().sum(), params, allow_unused=True)
+    ours = torch.autograd.grad((out.heatmaps * w).sum() + out.heatmaps.square().sum(), params, allow_unused=True)
+    for r, o in zip(ref, ours):
+        if r is None or r.abs().max() == 0:
+            assert o is None or o.abs().max() < 1e-12
+        else:
+            assert relative_error(o, r) < 1e-9
+
+
+def test_product_of_two_input_dependent_tensors_is_refused():
+    model, _ = case_model("mean_keepdim")
+    with pytest.raises(unroll.UnsupportedModelError, match="product of two input-dependent"):
+        unroll.compile(model)
+
+
+def test_batchnorm_train_mode_holds_batch_statistics_constant():
+    """In train mode the decoder uses this batch's variance as a constant (documented): the reference is autograd
+    through a BN whose statistics are detached."""
+    model, x = case_model("batchnorm_eval")
+    model.train()
+    bn = model.body
+    net = unroll.compile(model)
+    heat = net(x).heatmaps
+
+    def frozen_stats_forward(inp):
+        z = F.relu(model.conv(inp))
+        mean = z.mean((0, 2, 3), keepdim=True).detach()
+        var = z.var((0, 2, 3), unbiased=False, keepdim=True).detach()
+        y = (z - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+        return model.fc(y.flatten(2).mean(2))
+
+    xr = x.clone().requires_grad_()
+    logits = frozen_stats_forward(xr)
+    ref = torch.stack([(torch.autograd.grad(logits[:, k].sum(), xr, retain_graph=True)[0] * x).sum(1)
+                       for k in range(K)], 1)
+    assert relative_error(heat, ref) < 1e-10
+    # and the full autograd gradient (through the batch statistics) is genuinely different
+    full = torch.stack([(torch.autograd.grad(model(xr)[:, k].sum(), xr)[0] * x).sum(1) for k in range(K)], 1)
+    assert relative_error(heat, full) > 1e-6
+
+
+def test_dropout_in_train_mode_reuses_the_forward_mask():
+    model = randomize(Net(nn.Dropout(0.4)))
+    model.train()
+    net = unroll.compile(model)
+    x = torch.randn(2, 3, 9, 7, dtype=torch.double)
+    logits, saved = net.encode(x)
+    names = [n.name for n in net.decoder.graph.nodes if n.op == "placeholder"][1:]  # after the seed
+    mask = saved[next(i for i, n in enumerate(names) if n.startswith("mask_"))]
+    assert mask.dtype == torch.bool and 0.3 < mask.double().mean() < 0.9
+
+    def masked_forward(inp):
+        y = F.relu(model.conv(inp)) * mask / 0.6
+        return model.fc(y.flatten(2).mean(2))
+
+    torch.testing.assert_close(logits, masked_forward(x), rtol=1e-12, atol=1e-12)
+    xr = x.clone().requires_grad_()
+    out = masked_forward(xr)
+    ref = torch.stack([(torch.autograd.grad(out[:, k].sum(), xr, retain_graph=True)[0] * x).sum(1) for k in range(K)], 1)
+    assert relative_error(net.decode(logits, saved), ref) < 1e-10
+    model.eval()  # .eval() on the model reaches the compiled module: dropout becomes the identity
+    assert net.encode(x)[1][next(i for i, n in enumerate(names) if n.startswith("mask_"))] is None
+
+
+def test_decoder_code_is_readable():
+    model, _ = case_model("maxpool_overlap_ceil")
+    code = unroll.compile(model).decoder.code
+    for word in ("conv_transpose", "unpool", "gate_", "skip_multiply", "grad_"):
+        assert word in code
