@@ -324,7 +324,8 @@ class Unrolled(nn.Module):
     """
 
     def __init__(self, model: nn.Module, encoder: fx.GraphModule, decoder: fx.GraphModule,
-                 gradient_decoder: fx.GraphModule, batched: Sequence[bool], rule: str, epsilon: float | None):
+                 gradient_decoder: fx.GraphModule, batched: Sequence[bool], rule: str, epsilon: float | None,
+                 classes_per_chunk: int | None = None, checkpoint: bool = False):
         super().__init__()
         self.model = model
         # Kept out of the module tree: they hold the model's own submodules, so registering them would list every
@@ -332,6 +333,9 @@ class Unrolled(nn.Module):
         self.__dict__.update(encoder=encoder, decoder=decoder, gradient_decoder=gradient_decoder)
         self.batched = tuple(batched)
         self.rule, self.epsilon = rule, epsilon
+        # Memory knobs, both exact: decode the classes in chunks (peak decoder memory / K * chunk), and recompute
+        # the decoder in the backward pass instead of keeping its activations (training with many classes).
+        self.classes_per_chunk, self.checkpoint = classes_per_chunk, checkpoint
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Run the forward pass once: logits and what the decoder needs."""
@@ -348,7 +352,16 @@ class Unrolled(nn.Module):
             saved = tuple(s[samples] if b else s for s, b in zip(saved, self.batched))
             logits = logits[samples]
         decoder = self.gradient_decoder if gradients else self.decoder
-        return decoder(self.seed(logits, classes), *saved)
+        seed = self.seed(logits, classes)
+        chunk = self.classes_per_chunk
+        if chunk is None or seed.shape[1] <= chunk:
+            return self._run(decoder, seed, saved)
+        return torch.cat([self._run(decoder, part, saved) for part in seed.split(chunk, 1)], 1)
+
+    def _run(self, decoder, seed, saved):
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(decoder, seed, *saved, use_reentrant=False)
+        return decoder(seed, *saved)
 
     @staticmethod
     def seed(logits: torch.Tensor, classes=None) -> torch.Tensor:
@@ -375,13 +388,15 @@ class Unrolled(nn.Module):
 RULE_NAMES = ("lrp0", "epsilon")
 
 
-def compile(model: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6,
-            overrides: dict | None = None) -> Unrolled:
+def compile(model: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6, overrides: dict | None = None,
+            classes_per_chunk: int | None = None, checkpoint: bool = False) -> Unrolled:
     """Unroll a ReLU classifier into a module giving logits and all classes' heatmaps in one pass.
 
     rule="lrp0": input x gradient (= LRP-0), exactly autograd's. rule="epsilon": LRP-epsilon as zennit defines it
     (the cotangent at each conv/linear/BN output z is scaled by f(z) / (z + epsilon * sign(z))).
     overrides: {op: rule function} replacing registry entries for this compilation only.
+    classes_per_chunk: decode at most this many classes at a time (bounds decoder memory; same results).
+    checkpoint: recompute the decoder during backward instead of storing its activations (same gradients).
     """
     if rule not in RULE_NAMES:
         raise ValueError(f"rule={rule!r}: expected one of {RULE_NAMES}")
@@ -390,8 +405,27 @@ def compile(model: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6,
     graph = trace(model)
     emitter = Emitter(model, graph, epsilon if rule == "epsilon" else None, overrides)
     heatmaps, gradients = emitter.emit()
+    for g in (heatmaps, gradients):
+        fold_channel_scales(g)
     encoder = fx.GraphModule(model, graph, class_name="Encoder")
     decoder = fx.GraphModule(model, heatmaps, class_name="Decoder")
     gradient_decoder = fx.GraphModule(model, gradients, class_name="GradientDecoder")
     return Unrolled(model, encoder, decoder, gradient_decoder, [b for _, b in emitter.saved], rule,
-                    epsilon if rule == "epsilon" else None)
+                    epsilon if rule == "epsilon" else None, classes_per_chunk, checkpoint)
+
+
+def fold_channel_scales(graph: fx.Graph) -> None:
+    """conv_transpose(q * s[c], W)  ->  conv_transpose(q, W * s[:, None, ...]): a BatchNorm scale folded into the
+    tied weight (a few thousand numbers) instead of a pass over the cotangent (B*K feature maps) -- the decoder's
+    view of merging BN into the conv. Saves that pass, and in training the cotangent autograd would keep for it."""
+    for node in list(graph.nodes):
+        if node.target is not ops.conv_transpose:
+            continue
+        scaled = node.args[0]
+        if getattr(scaled, "target", None) is not ops.channel_scale or len(scaled.users) != 1:
+            continue
+        q, scale = scaled.args
+        with graph.inserting_before(node):
+            weight = graph.call_function(ops.scale_out_channels, (node.args[1], scale))
+        node.args = (q, weight, *node.args[2:])
+        graph.erase_node(scaled)

@@ -190,6 +190,12 @@ def split_back(q, shapes, dim):
 
 
 @graph_op
+def scale_out_channels(weight, scale):
+    """A conv weight (out, in / groups, *k) with each output channel scaled: BN folded into the tied weight."""
+    return weight * scale.view(-1, *[1] * (weight.dim() - 1))
+
+
+@graph_op
 def channel_scale(q, scale):
     """q * scale[c] for a per-channel scale (dim 2 of a cotangent)."""
     return q * scale.view(-1, *[1] * (q.dim() - 3))
