@@ -30,7 +30,8 @@ import torchvision
 import unroll
 
 HEATMAP_ROWS = ["forward", "unroll", "autograd_loop", "autograd_batched", "captum", "zennit", "unroll_eps"]
-TRAIN_ROWS = ["train_unroll", "train_double_backprop", "train_half_unroll", "train_half_double_backprop"]
+TRAIN_ROWS = ["train_unroll", "train_unroll_lowmem", "train_double_backprop", "train_half_unroll",
+              "train_half_double_backprop"]
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Setup:
         self.model = model
         self.net = unroll.compile(model, classes_per_chunk=args.chunk, checkpoint=args.checkpoint)
         self.net_eps = unroll.compile(model, rule="epsilon", epsilon=1e-6)
+        # the memory-frugal training setting: classes decoded in 4 chunks, each recomputed during backward
+        self.net_lowmem = unroll.compile(model, classes_per_chunk=-(-args.classes // 4), checkpoint=True)
         if args.compile:
             self.net = torch.compile(self.net)
         g = torch.Generator().manual_seed(0)
@@ -136,11 +139,11 @@ class Setup:
         cls = F.binary_cross_entropy_with_logits(logits.float(), self.labels)
         return seg + cls
 
-    def train_unroll(self, half=False):
+    def train_unroll(self, half=False, net=None):
         self.model.zero_grad(set_to_none=True)
         rows = self.half if half else slice(None)
         with self.autocast:
-            out = self.net(self.x, samples=self.half if half else None)
+            out = (net or self.net)(self.x, samples=self.half if half else None)
         loss = self._loss(out.heatmaps, out.logits, rows)
         loss.backward()
         return loss.detach()
@@ -156,6 +159,9 @@ class Setup:
         loss = self._loss(heatmaps, logits, rows)
         loss.backward()
         return loss.detach()
+
+    def train_unroll_lowmem(self):
+        return self.train_unroll(net=self.net_lowmem)
 
     def train_half_unroll(self):
         return self.train_unroll(half=True)
@@ -173,6 +179,7 @@ DESCRIPTIONS = {
     "zennit": "zennit Gradient + Epsilon composite, per class",
     "unroll_eps": "unroll.compile(rule='epsilon')",
     "train_unroll": "train step: unrolled heatmap + logit loss",
+    "train_unroll_lowmem": "train step: unrolled, 4 class chunks + checkpoint",
     "train_double_backprop": "train step: autograd double backprop",
     "train_half_unroll": "train step, half the batch pixel-labelled: unrolled",
     "train_half_double_backprop": "train step, half pixel-labelled: double backprop",
@@ -279,9 +286,14 @@ def memory_row(args, name: str) -> float:
     return m.peak - m.base
 
 
+# Big blocks straight from mmap and back on free: with glibc's default (a threshold that grows as blocks are freed)
+# freed activations stay resident and RSS would report the allocator's history instead of the row's peak.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def memory_in_subprocess(args, name: str) -> float | None:
     cmd = [sys.executable, "-m", "bench.speed", "--memory-row", name] + _config_flags(args)
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", **MALLOC_ENV})
     try:
         return float(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -381,11 +393,15 @@ def summarize(results: dict[str, Row], args) -> dict:
         out["heatmaps_in_K_forwards"] = round(sec("unroll") / (args.classes * sec("forward")), 3)
     if sec("train_unroll") and sec("train_double_backprop"):
         out["train_vs_double_backprop"] = round(sec("train_unroll") / sec("train_double_backprop"), 3)
+    if sec("train_unroll_lowmem") and sec("train_double_backprop"):
+        out["train_lowmem_vs_double_backprop"] = round(sec("train_unroll_lowmem") / sec("train_double_backprop"), 3)
     if sec("train_half_unroll") and sec("train_half_double_backprop"):
         out["train_half_vs_double_backprop"] = round(sec("train_half_unroll") / sec("train_half_double_backprop"), 3)
     m = {r: results[r].peak_mib for r in results if results[r].peak_mib}
-    if m.get("train_unroll") and m.get("train_double_backprop"):
-        out["train_memory_vs_double_backprop"] = round(m["train_unroll"] / m["train_double_backprop"], 3)
+    for name in ("train_unroll", "train_unroll_lowmem", "train_half_unroll"):
+        ref = "train_half_double_backprop" if "half" in name else "train_double_backprop"
+        if m.get(name) and m.get(ref):
+            out[f"{name}_memory_vs_double_backprop"] = round(m[name] / m[ref], 3)
     return out
 
 
