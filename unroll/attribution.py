@@ -40,11 +40,10 @@ image's top-1 predicted class), or a (B, H, W) map given directly.
 """
 from __future__ import annotations
 
-import math
 import operator
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -62,8 +61,6 @@ __all__ = [
     "discriminative_crops", "discriminative_patches", "perturb", "Perturb", "guide_map", "normalize_maps",
     "METHODS", "AGGREGATIONS",
 ]
-
-Classes = "None | Sequence[int] | Tensor"
 
 # ------------------------------------------------------------------------------------------------------ helpers
 

@@ -1,0 +1,654 @@
+"""Saliency vs CAM for weakly supervised segmentation: every method x background resolve -> mIoU, FG-Prec, DR-Rec,
+NDR-Rec, on digit scenes or single MNIST digits.
+
+    python -m bench.wsss --dataset digits                 # trains a small classifier (cached in --out), ~5 min
+    python -m bench.wsss --dataset mnist --checkpoint runs/clf.pt
+    python -m bench.wsss --dataset digits --quick         # seconds: a smoke run (what the tests do)
+
+Pipeline: classifier (a checkpoint, or `train_classifier` here, cached as OUT/classifier.pt) -> for each method, the
+maps of each test image's positive classes (the image labels are known: weak supervision), from `unroll.attribution`
+(CAM; vanilla saliency; input x gradient; SmoothGrad, BinaryMask, random crops / patches, discriminative crops /
+patches, all batched through the unrolled decoder) and from "model-pert" classifiers (the classifier fine-tuned with
+`perturb` noise, then vanilla saliency; plus a control fine-tuned without noise) -> each background resolve of
+`bench.resolve` (basic and smooth at the best threshold of the 0.01..0.50 sweep, superpixel at 0.3) ->
+`bench.wsss_metrics`. DR / NDR are the ground-truth pixels where the base classifier's CAM of their class is >= / <
+0.25, the same regions for every method.
+
+Writes to OUT: results.json (everything, including the sweeps and timings), results.md (the tables), panel_<method>.png
+(image, GT, CAM, saliency, the method's map, its three resolved masks), hyperplanes.png (the CAM / saliency scatter of
+one image) and the classifier checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import unroll
+from unroll import attribution as attr
+from unroll.attribution import Perturb, perturb  # noqa: F401  (re-exported: the model-pert transform)
+
+from bench.resolve import DEFAULT_THRESHOLDS, RESOLVES, normalize, prepare, resolve_basic, superpixels, threshold_sweep
+from bench.wsss_metrics import TAU_CAM, wsss_metrics
+
+__all__ = ["train_classifier", "perturb", "Perturb", "run", "main", "METHOD_ORDER", "TABLES"]
+
+# Piped output (logs, CI) gets 130 columns instead of rich's 80, so the tables are not wrapped cell by cell.
+console = Console(width=None if sys.stdout.isatty() else 130)
+
+METHOD_ORDER = [
+    "cam", "saliency", "ixg",
+    "smoothgrad", "binary_mask", "random_crops", "random_patches", "discriminative_crops", "discriminative_patches",
+    "model_pert_none", "model_pert_gaussian", "model_pert_binary",
+]
+LABELS = {
+    "cam": "CAM", "saliency": "Saliency", "ixg": "Input x Grad",
+    "smoothgrad": "SmoothGrad", "binary_mask": "BinaryMask", "random_crops": "Random crops",
+    "random_patches": "Random patches", "discriminative_crops": "Discr. crops",
+    "discriminative_patches": "Discr. patches",
+    "model_pert_none": "Fine-tune, no noise (control)", "model_pert_gaussian": "Model-pert gaussian",
+    "model_pert_binary": "Model-pert binary",
+}
+# The paper's four tables: (title, methods, resolves)
+TABLES = [
+    ("Table 1: CAM vs gradient saliency (basic resolve)", ["cam", "saliency", "ixg"], ["basic"]),
+    ("Table 2: background resolves", ["cam", "saliency"], list(RESOLVES)),
+    ("Table 3: stochastic aggregation of saliency (input perturbation)",
+     ["saliency", "smoothgrad", "binary_mask", "random_crops", "random_patches", "discriminative_crops",
+      "discriminative_patches"], list(RESOLVES)),
+    ("Table 4: model perturbation (fine-tuned classifier, vanilla saliency)",
+     ["saliency", "model_pert_none", "model_pert_gaussian", "model_pert_binary"], list(RESOLVES)),
+]
+METRICS = ("miou", "fg_precision", "dr_recall", "ndr_recall")
+METRIC_NAMES = {"miou": "mIoU", "fg_precision": "FG-Prec", "dr_recall": "DR-Rec", "ndr_recall": "NDR-Rec"}
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class Config:
+    dataset: str = "digits"
+    size: int = 32
+    n_train: int = 6000
+    n_test: int = 100
+    epochs: int = 6
+    finetune_epochs: int = 1
+    batch_size: int = 64  # training
+    lr: float = 3e-3
+    widths: tuple[int, ...] = (16, 32, 64)
+    samples: int = 50  # SmoothGrad / BinaryMask / patches
+    crops: int = 140  # random and discriminative crop proposals
+    attr_batch: int = 128  # perturbed copies per encoder/decoder pass
+    seed: int = 0
+    methods: list[str] = field(default_factory=lambda: list(METHOD_ORDER))
+    panel_images: int = 3
+
+    @classmethod
+    def for_dataset(cls, dataset: str, quick: bool = False, **over) -> "Config":
+        base = {"digits": {"size": 32}, "mnist": {"size": 56}}[dataset]
+        if quick:
+            base.update(n_train=192, n_test=6, epochs=1, finetune_epochs=1, samples=3, crops=5, attr_batch=16,
+                        panel_images=2)
+        base.update({k: v for k, v in over.items() if v is not None})
+        return cls(dataset=dataset, **base)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def load_split(cfg: Config, split: str):
+    """(images (N, 1, S, S), masks (N, S, S) long, labels (N, 11) multi-hot with background = 1)."""
+    from bench.data.digits import make_digit_scenes
+
+    n = cfg.n_train if split == "train" else cfg.n_test
+    seed = cfg.seed + (0 if split == "train" else 1000)
+    if cfg.dataset == "digits":
+        ds = make_digit_scenes("sklearn", split, n_scenes=n, size=cfg.size, seed=seed)
+    else:
+        ds = make_digit_scenes("mnist", split, n_scenes=n, size=cfg.size, seed=seed, scene="single")
+    items = [ds[i] for i in range(len(ds))]
+    return (torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items]),
+            ds.labels.clone())
+
+
+# ---------------------------------------------------------------------------------------------------------- classifier
+
+
+def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
+                     batch_size: int = 64, lr: float = 3e-3, perturbation: str = "none", seed: int = 0,
+                     progress: Progress | None = None, description: str = "train", loss: str = "bce") -> list[float]:
+    """Train with AdamW and a one-cycle schedule; returns the mean loss per epoch.
+
+    loss="bce": multi-label, BCE on every logit against `labels` (N, L) multi-hot; if the model has fewer outputs
+    K < L, its outputs are the last K label columns (a 10-way digit model against 11 labels with background first).
+    loss="ce": single-label, cross-entropy with the first positive non-background label as the class (one digit per
+    image). `perturbation` ("none", "gaussian", "binary") applies `unroll.attribution.perturb` to every batch (the
+    "model-pert" fine-tuning). Seeded; leaves the model in eval mode.
+    """
+    if loss not in ("bce", "ce"):
+        raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.Generator().manual_seed(seed + 1)
+    n = len(images)
+    steps_per_epoch = math.ceil(n / batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch))
+    task = progress.add_task(description, total=epochs * steps_per_epoch) if progress else None
+    history = []
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            x = perturb(images[idx], perturbation, noise)
+            logits = model(x)
+            target = labels[idx, -logits.shape[1]:]
+            if loss == "bce":
+                value = F.binary_cross_entropy_with_logits(logits, target)
+            else:
+                offset = labels.shape[1] - logits.shape[1]
+                value = F.cross_entropy(logits, labels[idx, 1:].argmax(1) + 1 - offset)
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            sched.step()
+            total += float(value.detach()) * len(idx)
+            if progress:
+                progress.advance(task)
+        history.append(total / n)
+    model.eval()
+    return history
+
+
+def classifier_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Macro F1 over digit classes (logit > 0), the exact-match rate of the image's digit set, and top-1: how often the
+    highest digit logit is one of the image's digits."""
+    from bench.metrics import MultilabelF1
+
+    with torch.no_grad():
+        logits = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)])
+    K = logits.shape[1]
+    full = torch.cat([torch.full((len(logits), labels.shape[1] - K), 10.0), logits], 1)
+    f1 = MultilabelF1(labels.shape[1])
+    f1.update(full, labels)
+    exact = ((logits[:, -10:] > 0) == labels[:, -10:].bool()).all(1).float().mean()
+    top = logits[:, -10:].argmax(1)
+    top1 = labels[:, -10:].gather(1, top[:, None]).squeeze(1).float().mean()
+    return {"f1": float(f1.compute()), "exact_match": float(exact), "top1": float(top1)}
+
+
+def build_classifier(config: dict) -> nn.Module:
+    import zoo
+
+    kw = dict(config.get("kwargs", {}))
+    return zoo.classifier(config["arch"], config["num_classes"], in_channels=config["in_channels"], **kw)
+
+
+def _state_dict(obj) -> dict:
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def infer_config(state: dict, arch: str | None = None) -> dict:
+    """A classifier config from a state dict: SmallVGG (conv + BN in `features`) or PlainConvNet (conv only), or the
+    torchvision `arch` given, with the class count and input channels read off the weights."""
+    convs = [(k, v) for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.dim() == 4]
+    convs.sort(key=lambda kv: int(kv[0].split(".")[1]))
+    if "fc.weight" not in state:
+        raise ValueError("cannot read the checkpoint: no fc.weight (expected a SmallVGG/PlainConvNet/ResNet layout)")
+    K = state["fc.weight"].shape[0]
+    if arch not in (None, "small_vgg", "plain_convnet"):
+        first = next(v for k, v in state.items() if v.dim() == 4)
+        return {"arch": arch, "num_classes": K, "in_channels": first.shape[1], "kwargs": {}}
+    if not convs:
+        raise ValueError("cannot infer the architecture from the checkpoint; pass --arch")
+    outs = [v.shape[0] for _, v in convs]
+    has_bn = any(k.endswith("running_mean") for k in state)
+    if has_bn and arch != "plain_convnet":
+        widths = [w for i, w in enumerate(outs) if i == 0 or w != outs[i - 1]]
+        kwargs = {"widths": tuple(widths), "convs_per_stage": len(outs) // len(widths)}
+        return {"arch": "small_vgg", "num_classes": K, "in_channels": convs[0][1].shape[1], "kwargs": kwargs}
+    kwargs = {"kernel_size": convs[0][1].shape[-1], "depth": len(convs), "width": outs[0]}
+    return {"arch": "plain_convnet", "num_classes": K, "in_channels": convs[0][1].shape[1], "kwargs": kwargs}
+
+
+def load_classifier(path: str | Path, arch: str | None = None) -> tuple[nn.Module, dict]:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
+    state = _state_dict(obj)
+    config = config or infer_config(state, arch)
+    model = build_classifier(config)
+    model.load_state_dict(state)
+    return model.eval(), config
+
+
+def cached_classifier(path: Path, config: dict, train: Callable[[nn.Module], list[float]], init: nn.Module | None = None
+                      ) -> tuple[nn.Module, bool]:
+    """Load `path` if it holds a checkpoint made with the same `config`; else build (or copy `init`), train, save."""
+    if path.is_file():
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if obj.get("config") == json.loads(json.dumps(config)):
+            model = build_classifier(config)
+            model.load_state_dict(obj["model"])
+            return model.eval(), True
+    model = copy.deepcopy(init) if init is not None else build_classifier(config)
+    history = train(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": json.loads(json.dumps(config)), "history": history}, path)
+    return model.eval(), False
+
+
+# ---------------------------------------------------------------------------------------------------------- maps
+
+
+def compute_maps(method: str, model: nn.Module, net, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
+                 progress: Progress | None = None, chunk: int = 16) -> torch.Tensor:
+    """(N, L, H, W) maps in dataset class space (L = labels.shape[1]) for each image's positive foreground classes
+    (zero maps elsewhere). A model with K < L outputs covers the last K classes."""
+    L = labels.shape[1]
+    K = net.model(images[:1]).shape[1] if hasattr(net, "model") else L
+    offset = L - K
+    mask = labels.bool().clone()
+    mask[:, 0] = False  # background is not a class of any map
+    mask = mask[:, offset:]
+    g = torch.Generator().manual_seed(cfg.seed)
+    kw_agg = {"batch_size": cfg.attr_batch, "generator": g}
+    fns: dict[str, Callable] = {
+        "cam": lambda x, m: attr.cam(model, x, classes=m),
+        "saliency": lambda x, m: attr.saliency(net, x, classes=m, batch_size=cfg.attr_batch),
+        "ixg": lambda x, m: attr.ixg(net, x, classes=m),
+        "smoothgrad": lambda x, m: attr.smoothgrad(net, x, m, n=cfg.samples, **kw_agg),
+        "binary_mask": lambda x, m: attr.binary_mask(net, x, m, n=cfg.samples, **kw_agg),
+        "random_crops": lambda x, m: attr.random_crops(net, x, m, n=cfg.crops, **kw_agg),
+        "random_patches": lambda x, m: attr.random_patches(net, x, m, n=cfg.samples, **kw_agg),
+        "discriminative_crops": lambda x, m: attr.discriminative_crops(net, x, m, n=cfg.crops, guide=m, **kw_agg),
+        "discriminative_patches": lambda x, m: attr.discriminative_patches(net, x, m, n=cfg.samples, guide=m,
+                                                                            **kw_agg),
+    }
+    fn = fns["saliency" if method.startswith("model_pert") else method]
+    task = progress.add_task(f"maps: {method}", total=len(images)) if progress else None
+    out = []
+    for i in range(0, len(images), chunk):
+        maps = fn(images[i:i + chunk], mask[i:i + chunk])
+        out.append(F.pad(maps, (0, 0, 0, 0, offset, 0)) if offset else maps)
+        if progress:
+            progress.advance(task, len(maps))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, cam_regions: torch.Tensor,
+             segments: torch.Tensor, num_classes: int) -> dict:
+    """Per resolve: the sweep, the threshold used (best of the sweep for basic / smooth, 0.3 for superpixel) and the
+    four metrics at that threshold."""
+    out = {}
+    for method in RESOLVES:
+        scores = prepare(maps, method, segments=segments)
+        sweep = threshold_sweep(num_classes)
+        sweep.update(scores, labels, masks)
+        result = sweep.compute()
+        threshold = DEFAULT_THRESHOLDS["superpixel"] if method == "superpixel" else result.best_threshold
+        preds = resolve_basic(scores, labels, threshold, normalized=True)
+        metrics = wsss_metrics(num_classes)
+        metrics.update(preds, masks, cam=cam_regions)
+        values = {k: float(v) for k, v in metrics.compute().items()}
+        out[method] = {"threshold": threshold, **values, "sweep": result.as_dict()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- reporting
+
+
+def _cell(results: dict, method: str, resolve: str, metric: str, reference: str = "saliency") -> str:
+    v = results[method][resolve][metric]
+    text = "nan" if math.isnan(v) else f"{100 * v:.1f}"
+    if method != reference and reference in results and not math.isnan(v):
+        r = results[reference][resolve][metric]
+        if not math.isnan(r):
+            text += f" ({100 * (v - r):+.1f})"
+    return text
+
+
+def table_rows(results: dict, methods: list[str], resolves: list[str]) -> list[list[str]]:
+    rows = []
+    for method in methods:
+        if method not in results:
+            continue
+        for resolve in resolves:
+            thr = results[method][resolve]["threshold"]
+            rows.append([LABELS[method], resolve, f"{thr:.2f}"] + [_cell(results, method, resolve, m)
+                                                                   for m in METRICS])
+    return rows
+
+
+HEADER = ["Method", "Resolve", "thr", *[METRIC_NAMES[m] for m in METRICS]]
+
+
+def rich_tables(results: dict) -> list[Table]:
+    tables = []
+    for title, methods, resolves in TABLES:
+        t = Table(title=title, caption="% ; (difference to vanilla saliency, same resolve)")
+        for h in HEADER:
+            t.add_column(h, justify="left" if h in ("Method", "Resolve") else "right")
+        for row in table_rows(results, methods, resolves):
+            t.add_row(*row)
+        tables.append(t)
+    return tables
+
+
+def markdown(results: dict, meta: dict) -> str:
+    lines = [f"# Saliency vs CAM for WSSS — {meta['dataset']}", "",
+             f"Classifier: {meta['classifier']['config']['arch']} {meta['classifier']['config'].get('kwargs', {})}, "
+             f"test F1 {meta['classifier']['scores']['f1']:.3f}, exact match "
+             f"{meta['classifier']['scores']['exact_match']:.3f}. Test images: {meta['n_test']} at "
+             f"{meta['size']}x{meta['size']}. Values in %, (difference to vanilla saliency with the same resolve). "
+             "basic / smooth: best threshold of the 0.01..0.50 sweep on these images; superpixel: 0.3. "
+             f"DR / NDR: ground-truth pixels with base-classifier CAM >= / < {TAU_CAM}.", ""]
+    for title, methods, resolves in TABLES:
+        lines += [f"## {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in table_rows(results, methods, resolves)]
+        lines.append("")
+    lines += ["## Best mIoU of the threshold sweep (every resolve)", "", "| Method | " + " | ".join(RESOLVES) + " |",
+              "|---|" + "---|" * len(RESOLVES)]
+    for method in METHOD_ORDER:
+        if method in results:
+            sweeps = [results[method][r]["sweep"] for r in RESOLVES]
+            cells = [f"{100 * sw['best_miou']:.1f} @ {sw['best_threshold']:.2f}" for sw in sweeps]
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Time per method (maps of all test images)", "", "| Method | seconds |", "|---|---|"]
+    lines += [f"| {LABELS[m]} | {meta['timings'][m]:.1f} |" for m in METHOD_ORDER if m in meta["timings"]]
+    return "\n".join(lines) + "\n"
+
+
+def _mask_cmap():
+    from matplotlib.colors import ListedColormap
+
+    colours = [(0, 0, 0)] + [tuple(c) for c in __import__("matplotlib").colormaps["tab10"].colors]
+    return ListedColormap(colours)
+
+
+def _show_mask(ax, mask):
+    m = mask.numpy().astype(float)
+    m[m == 255] = np.nan
+    ax.imshow(m, cmap=_mask_cmap(), vmin=-0.5, vmax=10.5, interpolation="nearest")
+
+
+def panel(path: Path, method: str, idx: list[int], images, masks, labels, cam_maps, sal_maps, maps, segments,
+          thresholds: dict[str, float]):
+    """One row per image: image | GT | CAM | saliency | this method | basic | smooth | superpixel (the maps shown
+    class-agnostic: the max over the image's classes of the normalised maps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ["image", "ground truth", "CAM", "saliency", LABELS[method], "basic", "smooth", "superpixel"]
+    fig, axes = plt.subplots(len(idx), len(cols), figsize=(2 * len(cols), 2 * len(idx)), squeeze=False)
+    sub = lambda t: t[idx]  # noqa: E731
+    resolved = {}
+    for r in RESOLVES:
+        scores = prepare(sub(maps), r, segments=sub(segments))
+        resolved[r] = resolve_basic(scores, sub(labels), thresholds[r], normalized=True)
+    for row, i in enumerate(idx):
+        shows = [("img", images[i, 0]), ("mask", masks[i]),
+                 ("map", normalize(cam_maps[i:i + 1])[0].amax(0)), ("map", normalize(sal_maps[i:i + 1])[0].amax(0)),
+                 ("map", normalize(maps[i:i + 1])[0].amax(0))] + [("mask", resolved[r][row]) for r in RESOLVES]
+        for col, (kind, data) in enumerate(shows):
+            ax = axes[row, col]
+            if kind == "img":
+                ax.imshow(data.numpy(), cmap="gray")
+            elif kind == "mask":
+                _show_mask(ax, data)
+            else:
+                ax.imshow(data.numpy(), cmap="jet", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(cols[col], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+def hyperplane_scatter(path: Path, i: int, image, mask, labels, cam_maps, sal_maps, tau_sal: float):
+    """For one image and its first digit class c: each pixel at (CAM_c - tau_cam, saliency_c - tau_sal), its signed
+    distances to the CAM hyperplane {CAM = tau_cam} and the saliency hyperplane {saliency = tau_sal} (normalised maps).
+    Ground-truth pixels of c coloured by quadrant: HSR/LSR (high / low saliency region) x DR/NDR; others grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = int(torch.nonzero(labels[1:])[0]) + 1
+    cam_c = normalize(cam_maps[None])[0, c]
+    sal_c = normalize(sal_maps[None])[0, c]
+    dx, dy = (cam_c - TAU_CAM).flatten(), (sal_c - tau_sal).flatten()
+    gt = (mask == c).flatten()
+    groups = {"HSR-DR": (dy >= 0) & (dx >= 0), "LSR-DR": (dy < 0) & (dx >= 0), "HSR-NDR": (dy >= 0) & (dx < 0),
+              "LSR-NDR": (dy < 0) & (dx < 0)}
+    colours = {"HSR-DR": "tab:red", "LSR-DR": "tab:orange", "HSR-NDR": "tab:blue", "LSR-NDR": "tab:gray"}
+    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 4.4))
+    a0.imshow(image[0].numpy(), cmap="gray")
+    a0.set_title(f"image (class {c - 1})")
+    overlay = np.zeros((*mask.shape, 3))
+    for name, sel in groups.items():
+        from matplotlib.colors import to_rgb
+
+        overlay.reshape(-1, 3)[(sel & gt).numpy()] = to_rgb(colours[name])
+    a1.imshow(overlay)
+    a1.set_title("ground-truth pixels by region")
+    a2.scatter(dx[~gt], dy[~gt], s=3, c="lightgray", label="not this class")
+    for name, sel in groups.items():
+        m = sel & gt
+        frac = float(m.sum()) / max(1, int(gt.sum()))
+        a2.scatter(dx[m], dy[m], s=6, c=colours[name], label=f"{name} ({100 * frac:.0f}%)")
+    a2.axvline(0, color="k", lw=0.8)
+    a2.axhline(0, color="k", lw=0.8)
+    a2.set_xlabel(f"signed distance to CAM hyperplane (CAM - {TAU_CAM})")
+    a2.set_ylabel(f"signed distance to saliency hyperplane (sal - {tau_sal:.2f})")
+    a2.legend(fontsize=8, loc="upper left")
+    for ax in (a0, a1):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {name: int((sel & gt).sum()) for name, sel in groups.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------- run
+
+
+def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    with _progress() as progress:
+        t0 = time.time()
+        test_x, test_m, test_y = load_split(cfg, "test")
+        train_x = train_y = None
+        if checkpoint is None or (cfg.finetune_epochs > 0 and any(m.startswith("model_pert") for m in cfg.methods)):
+            train_x, _, train_y = load_split(cfg, "train")
+        timings["data"] = time.time() - t0
+
+        t0 = time.time()
+        if checkpoint is not None:
+            model, config = load_classifier(checkpoint, arch)
+            cached = True
+        else:
+            config = {"arch": "small_vgg", "num_classes": test_y.shape[1], "in_channels": test_x.shape[1],
+                      "kwargs": {"widths": list(cfg.widths)},
+                      "train": {"dataset": cfg.dataset, "size": cfg.size, "n_train": cfg.n_train,
+                                "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}}
+            model, cached = cached_classifier(
+                out / "classifier.pt", config,
+                lambda m: train_classifier(m, train_x, train_y, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
+                                           progress=progress, description="train classifier"))
+        timings["classifier"] = time.time() - t0
+        scores = classifier_scores(model, test_x, test_y)
+        console.log(f"classifier {'loaded' if cached else 'trained'}: test F1 {scores['f1']:.3f}, "
+                    f"exact match {scores['exact_match']:.3f}")
+
+        models = {"base": model}
+        for method in cfg.methods:
+            if not method.startswith("model_pert"):
+                continue
+            kind = method.removeprefix("model_pert_")
+            t0 = time.time()
+            ft_config = {**config, "finetune": {"from": str(checkpoint) if checkpoint else "classifier.pt",
+                                                "perturbation": kind, "epochs": cfg.finetune_epochs,
+                                                "n_train": cfg.n_train, "seed": cfg.seed}}
+            models[method], _ = cached_classifier(
+                out / f"classifier-{method}.pt", ft_config,
+                lambda m, kind=kind: train_classifier(m, train_x, train_y, cfg.finetune_epochs, cfg.batch_size,
+                                                      lr=cfg.lr / 3, perturbation=kind, seed=cfg.seed + 7,
+                                                      progress=progress, description=f"fine-tune ({kind})"),
+                init=model)
+            timings[f"finetune_{kind}"] = time.time() - t0
+
+        segments = superpixels(test_x)
+        nets = {name: unroll.compile(m.eval()) for name, m in models.items()}
+        L = test_y.shape[1]
+        maps: dict[str, torch.Tensor] = {}
+        results = {}
+        for method in ["cam", "saliency"] + [m for m in cfg.methods if m not in ("cam", "saliency")]:
+            key = method if method.startswith("model_pert") else "base"
+            t0 = time.time()
+            maps[method] = compute_maps(method, models[key], nets[key], test_x, test_y, cfg, progress)
+            timings[method] = time.time() - t0
+            console.log(f"maps: {method} ({timings[method]:.1f} s)")
+        cam_regions = maps["cam"]
+        for method in maps:
+            if method in cfg.methods or method in ("cam", "saliency"):
+                results[method] = evaluate(maps[method], test_y, test_m, cam_regions, segments, L)
+
+        idx = _panel_images(test_y, cfg.panel_images)
+        for method in results:
+            panel(out / f"panel_{method}.png", method, idx, test_x, test_m, test_y, maps["cam"], maps["saliency"],
+                  maps[method], segments, {r: results[method][r]["threshold"] for r in RESOLVES})
+        tau_sal = results["saliency"]["basic"]["threshold"]
+        j = _scatter_image(test_m, test_y, maps["cam"])
+        quadrants = hyperplane_scatter(out / "hyperplanes.png", j, test_x[j], test_m[j], test_y[j], maps["cam"][j],
+                                       maps["saliency"][j], tau_sal)
+
+    meta = {"dataset": cfg.dataset, "size": cfg.size, "n_test": len(test_x), "config": asdict(cfg),
+            "classifier": {"config": config, "scores": scores, "cached": cached,
+                           "checkpoint": str(checkpoint) if checkpoint else str(out / "classifier.pt")},
+            "timings": timings, "wall_seconds": time.time() - t_start,
+            "hyperplane_image": j, "hyperplane_quadrants": quadrants,
+            "panel_images": idx, "torch_threads": torch.get_num_threads()}
+    report = {**meta, "results": results}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(results, meta))
+    for t in rich_tables(results):
+        console.print(t)
+    console.log(f"wrote {out}/results.json, results.md, panel_*.png, hyperplanes.png "
+                f"({meta['wall_seconds']:.0f} s)")
+    return report
+
+
+def _scatter_image(masks: torch.Tensor, labels: torch.Tensor, cams: torch.Tensor, first: int = 20) -> int:
+    """Among the first test images, the one whose first digit class has the largest share of NDR pixels (the most
+    to see in the scatter)."""
+    best, best_share = 0, -1.0
+    for i in range(min(first, len(masks))):
+        c = int(torch.nonzero(labels[i, 1:])[0]) + 1
+        gt = masks[i] == c
+        share = float((gt & (normalize(cams[i:i + 1])[0, c] < TAU_CAM)).sum()) / max(1, int(gt.sum()))
+        if share > best_share:
+            best, best_share = i, share
+    return best
+
+
+def _panel_images(labels: torch.Tensor, k: int) -> list[int]:
+    """The first k test images, preferring ones with several digits (more to see)."""
+    counts = labels[:, 1:].sum(1)
+    order = sorted(range(len(labels)), key=lambda i: (-min(int(counts[i]), 2), i))
+    return order[:k]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.wsss", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["digits", "mnist", "voc"], default="digits",
+                   help="digits: 1-3 sklearn digits per scene (default 32x32); mnist: one MNIST digit (default 56x56)")
+    p.add_argument("--checkpoint", help="classifier checkpoint (state dict, or {'model': ...}); default: train one, "
+                                        "cached in --out")
+    p.add_argument("--voc-root", type=Path, help="folder holding VOCdevkit/VOC2012 (default: shared data voc12/)")
+    p.add_argument("--arch", help="architecture of --checkpoint when it cannot be inferred (a torchvision name)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/wsss-DATASET)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    p.add_argument("--size", type=int)
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-test", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--finetune-epochs", type=int, help="model-pert fine-tuning epochs (0 = skip those rows)")
+    p.add_argument("--samples", type=int, help="copies per image for SmoothGrad/BinaryMask/patches (paper: 50)")
+    p.add_argument("--crops", type=int, help="crop proposals per image (paper: up to 140)")
+    p.add_argument("--attr-batch", type=int, help="perturbed copies per decoder pass (bounds memory)")
+    p.add_argument("--methods", nargs="+", choices=METHOD_ORDER, help="subset of methods (CAM and saliency always)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dataset == "voc":
+        from bench.data import data_root
+        from bench.data.voc import VOCMissingError, find_voc
+
+        try:
+            find_voc(args.voc_root or data_root() / "voc12")
+        except VOCMissingError as e:
+            console.print(f"[red]--dataset voc: PASCAL VOC 2012 images are not available here.[/red] {e}\n"
+                          "Use --dataset digits or --dataset mnist.")
+            return 2
+        console.print("[red]--dataset voc: VOC was found, but the VOC run of bench.wsss is not implemented yet "
+                      "(it needs a VOC classifier from bench.voc).[/red] Use --dataset digits or mnist.")
+        return 2
+    methods = args.methods
+    if args.finetune_epochs == 0:
+        methods = [m for m in (methods or METHOD_ORDER) if not m.startswith("model_pert")]
+    cfg = Config.for_dataset(args.dataset, args.quick, size=args.size, n_train=args.n_train, n_test=args.n_test,
+                             epochs=args.epochs, finetune_epochs=args.finetune_epochs, samples=args.samples,
+                             crops=args.crops, attr_batch=args.attr_batch, seed=args.seed, methods=methods)
+    out = args.out or Path("runs") / f"wsss-{args.dataset}{'-quick' if args.quick else ''}"
+    try:
+        run(cfg, out, args.checkpoint, args.arch)
+    except FileNotFoundError as e:
+        console.print(f"[red]{e}[/red]")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""python -m bench.voc end to end on a fake VOC tree (bench.data.fake_voc): every model trains two steps and is
+evaluated, metrics.json has its fields, --resume after an interruption ends where an uninterrupted run ends, missing
+data exits 2, bad flags are usage errors, and a 2-process torch.distributed (gloo) run finishes. CPU, tiny."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import voc as cli
+from bench.data.fake_voc import make_fake_voc
+from bench.data.voc import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    return make_fake_voc(tmp_path_factory.mktemp("fakevoc"), n_train=6, n_val=2, n_extra=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def clf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("classifier")  # the classification stage runs once, later runs reuse it
+
+
+def flags(root, out, clf_dir, model="unrolled", *extra):
+    return ["--root", str(root), "--out", str(out), "--classifier-dir", str(clf_dir), "--model", model,
+            "--labels", "2", "--backbone", "small_vgg", "--weights", "none", "--image-size", "32",
+            "--batch-size", "4", "--steps", "2", "--pretrain-steps", "2", "--eval-every", "1", "--device", "cpu",
+            "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("model", cli.MODELS)
+def test_every_model_trains_and_writes_metrics(model, voc_root, clf_dir, tmp_path):
+    out = tmp_path / model
+    extra = [] if model == "unrolled" else ["--no-figures"]  # figures once is enough
+    assert cli.main(flags(voc_root, out, clf_dir, model, *extra)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= m["miou"] <= 1.0
+    assert list(m["per_class_iou"]) == list(CLASSES)
+    assert m["f1"] is not None and 0.0 <= m["f1"] <= 1.0  # unet/fcn: the shared classifier's F1
+    assert m["steps"] == 2 and m["images_per_s"] > 0
+    assert m["config"]["model"] == model and m["labels"] == 2 and len(m["labelled_ids"]) == 2
+    assert m["reported"].startswith("last step")
+    assert "val" in m["evaluated_on"]
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (out / "labelled.txt").read_text().split() == m["labelled_ids"]
+    if model == "unrolled":
+        assert (out / "predictions.png").is_file() and (out / "evolution.png").is_file()
+        assert m["classifier"]["source"] in ("trained here", "cached")
+
+
+def test_resume_matches_uninterrupted(voc_root, clf_dir, tmp_path):
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    extra = ["--steps", "3", "--select-on", "2", "--no-figures"]
+    assert cli.main(flags(voc_root, ref, clf_dir, "unrolled", *extra)) == 0
+    assert cli.main(flags(voc_root, split, clf_dir, "unrolled", *extra, "--stop-after", "1")) == 0
+    assert (split / "ckpt.pt").is_file() and not (split / "metrics.json").exists()
+    assert cli.main(flags(voc_root, split, clf_dir, "unrolled", *extra, "--resume")) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, split))
+    for key in ("miou", "per_class_iou", "f1", "best_step", "held_out_miou", "labelled_ids", "held_out_ids"):
+        assert a[key] == b[key], key
+    assert a["reported"].startswith("best held-out mIoU") and len(a["held_out_ids"]) == 2
+    assert not set(a["held_out_ids"]) & set(a["labelled_ids"])
+    assert (ref / "history.jsonl").read_text() == (split / "history.jsonl").read_text()
+
+
+def test_missing_data_exits_2(tmp_path, capsys):
+    code = cli.main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert code == 2
+    text = capsys.readouterr().out.replace("\n", " ")
+    assert "--root" in text and "--download" in text
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--model", "resnet"], "invalid choice"),
+    (["--labels", "0"], "integer >= 1"),
+    (["--steps", "3", "--epochs", "1"], "not both"),
+    (["--pixel-fraction", "1"], "strictly between 0 and 1"),
+    (["--weights", "/no/such/file.pt"], "--weights takes"),
+    (["--heatmap-scale", "hot"], "positive number or 'learn'"),
+])
+def test_bad_flags_are_usage_errors(bad, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"), *bad])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_too_many_labels_is_a_usage_error(voc_root, clf_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(flags(voc_root, tmp_path / "o", clf_dir, "unrolled", "--labels", "7"))
+    assert exc.value.code == 2 and "exceeds the 6 images" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(voc_root, clf_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bench.voc",
+           *flags(voc_root, out, clf_dir, "unrolled", "--select-on", "2", "--no-figures")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["environment"]["world_size"] == 2 and m["steps"] == 2
+    assert (out / "history.jsonl").is_file() and (out / "ckpt.pt").is_file()
+
+
+def test_ctrl_c_saves_then_resume_matches(voc_root, clf_dir, tmp_path, monkeypatch):
+    """A real SIGINT during training: the step finishes, a checkpoint is written, exit 130; --resume then ends where
+    an uninterrupted run ends."""
+    import signal
+
+    extra = ["--steps", "3", "--eval-every", "3", "--no-figures"]
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    assert cli.main(flags(voc_root, ref, clf_dir, "fcn", *extra)) == 0
+    real_step = cli._Progress.step
+
+    def step(self, n, parts):
+        real_step(self, n, parts)
+        if n == 1 and self.name.startswith("fcn"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cli._Progress, "step", step)
+    assert cli.main(flags(voc_root, split, clf_dir, "fcn", *extra)) == 130
+    saved = torch.load(split / "ckpt.pt", weights_only=True)
+    assert saved["state"]["step"] == 1
+    monkeypatch.setattr(cli._Progress, "step", real_step)
+    assert cli.main(flags(voc_root, split, clf_dir, "fcn", *extra, "--resume")) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, split))
+    assert a["miou"] == b["miou"] and a["per_class_iou"] == b["per_class_iou"] and a["f1"] == b["f1"]
+
+
+def test_voc_table_dry_run_and_tables(tmp_path, capsys):
+    from bench import voc_table
+
+    args = ["--root", "R", "--out", str(tmp_path), "--labels", "20,100", "--models", "unrolled,unet",
+            "--backbones", "resnet18", "--seeds", "2"]
+    assert voc_table.main([*args, "--dry-run", "--", "--amp"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8 and all("-m bench.voc" in l and l.endswith("--amp") for l in lines)
+    for seed, miou in ((0, 0.5), (1, 0.7)):
+        d = voc_table.run_dir(tmp_path, "resnet18", "unrolled", 20, seed)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"miou": miou, "f1": 0.9, "steps": 1, "best_step": 1,
+                                                    "images_per_s": 1.0}))
+    assert voc_table.main([*args, "--collect"]) == 0
+    text = (tmp_path / "tables.md").read_text()
+    assert "| unrolled | 60.0 ± 14.1 | - |" in text and "| unet | - | - |" in text
