@@ -31,7 +31,7 @@ import unroll
 from unroll import attribution as attr
 
 from bench.resolve import normalize, resolve_basic, threshold_sweep
-from bench.wsss import _progress, classifier_scores, console, train_classifier
+from bench.wsss import _progress, add_threads_flag, classifier_scores, console, set_threads, train_classifier
 from bench.wsss_metrics import TAU_CAM, wsss_metrics
 
 __all__ = ["WindowConfig", "run", "main"]
@@ -185,7 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-test", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--source", choices=["mnist", "sklearn"], help="digit source (default mnist, sklearn if absent)")
+    add_threads_flag(p)
     args = p.parse_args(argv)
+    set_threads(args.threads)
     cfg = WindowConfig.make(args.quick, kernels=args.kernels, size=args.size, width=args.width,
                             n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, seed=args.seed,
                             source=args.source)

@@ -617,11 +617,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crops", type=int, help="crop proposals per image (paper: up to 140)")
     p.add_argument("--attr-batch", type=int, help="perturbed copies per decoder pass (bounds memory)")
     p.add_argument("--methods", nargs="+", choices=METHOD_ORDER, help="subset of methods (CAM and saliency always)")
+    add_threads_flag(p)
     return p.parse_args(argv)
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice). On a CPU shared with "
+                                               "other jobs, 1 is often faster: small ops stall on OpenMP barriers")
+
+
+def set_threads(n: int | None) -> None:
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
     if args.dataset == "voc":
         from bench.data import data_root
         from bench.data.voc import VOCMissingError, find_voc
