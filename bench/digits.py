@@ -10,8 +10,8 @@
 Every run checkpoints; an interrupted experiment continues with --resume and ends with the same numbers.
 Runs go to --jobs worker processes (one thread each); results do not depend on --jobs.
 
-    python -m bench.digits                    # the default experiment (about 10 minutes on 2 CPU cores)
-    python -m bench.digits --quick            # a smoke test in about a minute
+    python -m bench.digits                    # the default experiment: 19 CPU-minutes, ~10 min on 2 idle cores
+    python -m bench.digits --quick            # a smoke test: 1-2 minutes
     python -m bench.digits --source mnist --root ../shared/data/mnist --labels 10,100
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import copy
 import json
 import math
 import multiprocessing as mp
@@ -207,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel worker processes (default: the number of CPU cores)")
     g.add_argument("--threads", type=_positive_int, default=1, help="torch threads per job")
     g.add_argument("--quick", action="store_true",
-                   help="smoke test (about a minute): 1 seed, labels 10,all, 400/64/128 train/val/test scenes, "
+                   help="smoke test (1-2 minutes): 1 seed, labels 10,all, 400/64/128 train/val/test scenes, "
                         "300 classifier + 60 segmentation steps; its numbers mean little (flags you give win)")
     g.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     g.add_argument("--keep-checkpoints", action="store_true", help="keep each run's ckpt.pt after it finishes")
@@ -249,11 +248,6 @@ class ModelInput(Dataset):
         if self.mode == "centered":
             item["image"] = (item["image"] - 0.5) / 0.5
         return item
-
-
-def to_unit(images: torch.Tensor, mode: str) -> torch.Tensor:
-    """Model input back to [0, 1] for figures."""
-    return images * 0.5 + 0.5 if mode == "centered" else images
 
 
 def in_channels(backbone: str) -> int:
@@ -386,7 +380,7 @@ def run_task(task: dict, resume: bool = False, report=None) -> dict:
         previous = _same_task(done, task)
         if previous is not None:
             report(task["id"], task["train"]["steps"], task["train"]["steps"], {"cached": True})
-            return previous
+            return {**previous, "reused": True}
     if not resume or not spec.is_file() or _identity(json.loads(spec.read_text())) != _identity(task):
         shutil.rmtree(run_dir, ignore_errors=True)  # fresh start, or a checkpoint from other settings: start over
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -593,8 +587,11 @@ def summarize(args: argparse.Namespace, results: list[dict], n_train: int, wall:
             "seconds": _stats([r["seconds"] for r in clf]),
         },
         "summary": summary,
-        "runs": [{k: v for k, v in r.items()} for r in results],
-        "timing": {"wall_seconds": wall, "cpu_seconds": sum(r["cpu_seconds"] for r in results),
+        "runs": [{k: v for k, v in r.items() if k != "reused"} for r in results],
+        "timing": {"wall_seconds": wall,  # this invocation (with --resume: without the runs it reused)
+                   "cpu_seconds": sum(r["cpu_seconds"] for r in results),  # all runs, reused ones included
+                   "run_seconds": sum(r["seconds"] for r in results),  # each run's own wall time, summed
+                   "reused_runs": sum(bool(r.get("reused")) for r in results),
                    "jobs": args.jobs, "threads_per_job": args.threads},
         "environment": {"torch": torch.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count()},
     }
@@ -649,6 +646,8 @@ def markdown(res: dict) -> str:
         pc = res["summary"][model][str(per_class_n)]["per_class_iou"]
         pc_rows.append([model] + ["-" if v is None else f"{100 * v:.0f}" for v in pc])
     t = res["timing"]
+    reused = (f"; {t['reused_runs']} of {len(res['runs'])} runs reused from an interrupted invocation (--resume)"
+              if t["reused_runs"] else "")
     return "\n\n".join([
         "# bench.digits results",
         f"Source `{cfg['source']}`, {cfg['scene']} {cfg['size']}x{cfg['size']}, input `{cfg['input']}`, backbone "
@@ -662,8 +661,9 @@ def markdown(res: dict) -> str:
         table(header, f1_rows),
         f"## Per-class test IoU (%) at N={per_class_n}",
         table(pc_header, pc_rows),
-        f"Wall time {t['wall_seconds'] / 60:.1f} min ({t['jobs']} jobs x {t['threads_per_job']} thread), "
-        f"CPU time {t['cpu_seconds'] / 60:.1f} min; torch {res['environment']['torch']}.",
+        f"Wall time {t['wall_seconds'] / 60:.1f} min ({t['jobs']} jobs x {t['threads_per_job']} thread){reused}; "
+        f"CPU time of all runs {t['cpu_seconds'] / 60:.1f} min; torch {res['environment']['torch']}, "
+        f"{res['environment']['cpus']} CPUs.",
     ]) + "\n"
 
 
