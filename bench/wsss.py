@@ -84,14 +84,14 @@ METRIC_NAMES = {"miou": "mIoU", "fg_precision": "FG-Prec", "dr_recall": "DR-Rec"
 @dataclass
 class Config:
     dataset: str = "digits"
-    size: int = 32
+    size: int = 64
     n_train: int = 6000
     n_test: int = 100
-    epochs: int = 6
+    epochs: int = 10
     finetune_epochs: int = 1
     batch_size: int = 64  # training
     lr: float = 3e-3
-    widths: tuple[int, ...] = (16, 32, 64)
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # zoo.SmallVGG's default: an 8x8 CAM at 64x64
     samples: int = 50  # SmoothGrad / BinaryMask / patches
     crops: int = 140  # random and discriminative crop proposals
     attr_batch: int = 128  # perturbed copies per encoder/decoder pass
@@ -101,10 +101,10 @@ class Config:
 
     @classmethod
     def for_dataset(cls, dataset: str, quick: bool = False, **over) -> "Config":
-        base = {"digits": {"size": 32}, "mnist": {"size": 56}}[dataset]
+        base = {"digits": {"size": 64}, "mnist": {"size": 56}}[dataset]
         if quick:
-            base.update(n_train=192, n_test=6, epochs=1, finetune_epochs=1, samples=3, crops=5, attr_batch=16,
-                        panel_images=2)
+            base.update(size=32, n_train=192, n_test=6, epochs=1, finetune_epochs=1, samples=3, crops=5,
+                        attr_batch=16, panel_images=2)
         base.update({k: v for k, v in over.items() if v is not None})
         return cls(dataset=dataset, **base)
 
@@ -370,7 +370,8 @@ def markdown(results: dict, meta: dict) -> str:
              f"{meta['classifier']['scores']['exact_match']:.3f}. Test images: {meta['n_test']} at "
              f"{meta['size']}x{meta['size']}. Values in %, (difference to vanilla saliency with the same resolve). "
              "basic / smooth: best threshold of the 0.01..0.50 sweep on these images; superpixel: 0.3. "
-             f"DR / NDR: ground-truth pixels with base-classifier CAM >= / < {TAU_CAM}.", ""]
+             f"DR / NDR: ground-truth pixels with base-classifier CAM >= / < {TAU_CAM} "
+             f"({meta['region_pixels']['dr']} / {meta['region_pixels']['ndr']} pixels).", ""]
     for title, methods, resolves in TABLES:
         lines += [f"## {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         lines += ["| " + " | ".join(r) + " |" for r in table_rows(results, methods, resolves)]
@@ -438,8 +439,8 @@ def panel(path: Path, method: str, idx: list[int], images, masks, labels, cam_ma
 
 
 
-def hyperplane_scatter(path: Path, i: int, image, mask, labels, cam_maps, sal_maps, tau_sal: float):
-    """For one image and its first digit class c: each pixel at (CAM_c - tau_cam, saliency_c - tau_sal), its signed
+def hyperplane_scatter(path: Path, c: int, image, mask, cam_maps, sal_maps, tau_sal: float):
+    """For one image and one of its classes c: each pixel at (CAM_c - tau_cam, saliency_c - tau_sal), its signed
     distances to the CAM hyperplane {CAM = tau_cam} and the saliency hyperplane {saliency = tau_sal} (normalised maps).
     Ground-truth pixels of c coloured by quadrant: HSR/LSR (high / low saliency region) x DR/NDR; others grey."""
     import matplotlib
@@ -447,7 +448,6 @@ def hyperplane_scatter(path: Path, i: int, image, mask, labels, cam_maps, sal_ma
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = int(torch.nonzero(labels[1:])[0]) + 1
     cam_c = normalize(cam_maps[None])[0, c]
     sal_c = normalize(sal_maps[None])[0, c]
     dx, dy = (cam_c - TAU_CAM).flatten(), (sal_c - tau_sal).flatten()
@@ -547,6 +547,9 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
             timings[method] = time.time() - t0
             console.log(f"maps: {method} ({timings[method]:.1f} s)")
         cam_regions = maps["cam"]
+        regions = region_sizes(test_m, cam_regions)
+        console.log(f"ground-truth foreground pixels: {regions['dr']} DR, {regions['ndr']} NDR "
+                    f"(CAM of their class >= / < {TAU_CAM})")
         for method in maps:
             if method in cfg.methods or method in ("cam", "saliency"):
                 results[method] = evaluate(maps[method], test_y, test_m, cam_regions, segments, L)
@@ -556,15 +559,15 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
             panel(out / f"panel_{method}.png", method, idx, test_x, test_m, test_y, maps["cam"], maps["saliency"],
                   maps[method], segments, {r: results[method][r]["threshold"] for r in RESOLVES})
         tau_sal = results["saliency"]["basic"]["threshold"]
-        j = _scatter_image(test_m, test_y, maps["cam"])
-        quadrants = hyperplane_scatter(out / "hyperplanes.png", j, test_x[j], test_m[j], test_y[j], maps["cam"][j],
+        j, c = _scatter_pick(test_m, test_y, maps["cam"])
+        quadrants = hyperplane_scatter(out / "hyperplanes.png", c, test_x[j], test_m[j], maps["cam"][j],
                                        maps["saliency"][j], tau_sal)
 
     meta = {"dataset": cfg.dataset, "size": cfg.size, "n_test": len(test_x), "config": asdict(cfg),
             "classifier": {"config": config, "scores": scores, "cached": cached,
                            "checkpoint": str(checkpoint) if checkpoint else str(out / "classifier.pt")},
             "timings": timings, "wall_seconds": time.time() - t_start,
-            "hyperplane_image": j, "hyperplane_quadrants": quadrants,
+            "hyperplane_image": j, "hyperplane_class": c, "hyperplane_quadrants": quadrants, "region_pixels": regions,
             "panel_images": idx, "torch_threads": torch.get_num_threads()}
     report = {**meta, "results": results}
     (out / "results.json").write_text(json.dumps(report, indent=1))
@@ -576,16 +579,23 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
     return report
 
 
-def _scatter_image(masks: torch.Tensor, labels: torch.Tensor, cams: torch.Tensor, first: int = 20) -> int:
-    """Among the first test images, the one whose first digit class has the largest share of NDR pixels (the most
-    to see in the scatter)."""
-    best, best_share = 0, -1.0
-    for i in range(min(first, len(masks))):
-        c = int(torch.nonzero(labels[i, 1:])[0]) + 1
-        gt = masks[i] == c
-        share = float((gt & (normalize(cams[i:i + 1])[0, c] < TAU_CAM)).sum()) / max(1, int(gt.sum()))
-        if share > best_share:
-            best, best_share = i, share
+def region_sizes(masks: torch.Tensor, cams: torch.Tensor) -> dict[str, int]:
+    """How many ground-truth foreground pixels fall in the DR and in the NDR (the recalls' denominators)."""
+    fg = (masks != 0) & (masks != 255)
+    own = cams.gather(1, torch.where(fg, masks, 0).long().unsqueeze(1)).squeeze(1)
+    return {"dr": int((fg & (own >= TAU_CAM)).sum()), "ndr": int((fg & (own < TAU_CAM)).sum())}
+
+
+def _scatter_pick(masks: torch.Tensor, labels: torch.Tensor, cams: torch.Tensor) -> tuple[int, int]:
+    """The (test image, digit class) with the most NDR pixels (the most to see in the scatter); (0, its first class)
+    when no ground-truth pixel is in the NDR."""
+    best, best_count = (0, int(torch.nonzero(labels[0, 1:])[0]) + 1), 0
+    norm = normalize(cams)
+    for i in range(len(masks)):
+        for c in (torch.nonzero(labels[i, 1:]).flatten() + 1).tolist():
+            count = int(((masks[i] == c) & (norm[i, c] < TAU_CAM)).sum())
+            if count > best_count:
+                best, best_count = (i, c), count
     return best
 
 
@@ -600,7 +610,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.wsss", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["digits", "mnist", "voc"], default="digits",
-                   help="digits: 1-3 sklearn digits per scene (default 32x32); mnist: one MNIST digit (default 56x56)")
+                   help="digits: 1-3 sklearn digits per scene (default 64x64); mnist: one MNIST digit (default 56x56)")
     p.add_argument("--checkpoint", help="classifier checkpoint (state dict, or {'model': ...}); default: train one, "
                                         "cached in --out")
     p.add_argument("--voc-root", type=Path, help="folder holding VOCdevkit/VOC2012 (default: shared data voc12/)")

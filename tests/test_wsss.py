@@ -171,6 +171,11 @@ def test_wsss_quick_cli(tmp_path):
             assert len(v["sweep"]["miou"]) == 50
     for name in ["results.md", "hyperplanes.png", "classifier.pt"] + [f"panel_{m}.png" for m in wsss.METHOD_ORDER]:
         assert (out / name).is_file(), name
+    from bench.wsss import Config, load_split
+
+    _, test_masks, _ = load_split(Config.for_dataset("digits", quick=True, seed=1), "test")
+    fg_pixels = int((test_masks != 0).sum())
+    assert report["region_pixels"]["dr"] + report["region_pixels"]["ndr"] == fg_pixels > 0
     md = (out / "results.md").read_text()
     assert "Table 4" in md and ("(+" in md or "(-" in md)
 
@@ -182,7 +187,7 @@ def test_wsss_quick_cli(tmp_path):
                       "--methods", "cam", "saliency", "--finetune-epochs", "0"]) == 0
     again = json.loads((out2 / "results.json").read_text())
     assert set(again["results"]) == {"cam", "saliency"}
-    assert again["classifier"]["config"]["kwargs"]["widths"] == [16, 32, 64]
+    assert again["classifier"]["config"]["kwargs"]["widths"] == [16, 32, 64, 128]
     # same classifier, same test images -> same CAM and saliency numbers
     assert again["results"]["cam"] == report["results"]["cam"]
     assert again["results"]["saliency"] == report["results"]["saliency"]

@@ -23,9 +23,9 @@ Aggregations of saliency (all: n samples, `batch_size`, `generator` (a torch.Gen
 0), so the same call gives the same maps bit for bit, whatever `batch_size`):
     smoothgrad           mean saliency over x + N(0, (sigma * (max x - min x))^2), per-image input range
     binary_mask          mean saliency over x * m, m ~ Bernoulli(p) per pixel (shared by the channels), p = keep
-    random_crops         n square-aspect crops of area fraction U(scale); each resized to the input size, its saliency
-                         resized back and pasted at the crop, weighted by sigmoid(crop's class score); every pixel
-                         averaged over the crops that cover it (0 where none does)
+    random_crops         n crops (area fraction U(scale), the image's aspect ratio, uniform position), each resized
+                         to the input size; its saliency resized back and pasted at the crop, weighted by
+                         sigmoid(crop's class score); every pixel averaged over the crops that cover it (0 where none)
     random_patches       mean saliency over inputs whose grid x grid patches are each dropped (set to `fill`) with
                          probability 1 - p
     discriminative_crops random crops, each kept with probability clamp(beta - CAM score, 0, 1), CAM score = mean of
