@@ -51,13 +51,9 @@ def _model_name(text: str) -> str:
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    from bench.voc import _int  # the one integer-flag parser of the VOC CLIs
+
+    return _int(1)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

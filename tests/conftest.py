@@ -35,3 +35,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                     m.weight.copy_(torch.rand(n, generator=g, dtype=torch.double) + 0.5)
                     m.bias.copy_(torch.randn(n, generator=g, dtype=torch.double) * 0.2)
     return model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Training-loop tests run torch single-threaded: tiny kernels are slower with 2 threads on a shared box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

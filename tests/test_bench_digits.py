@@ -17,12 +17,7 @@ TINY = ["--quick", "--jobs", "1", "--scene", "single", "--train-scenes", "300", 
         "--models", "unrolled,unet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: small ops run faster single-threaded
 
 
 @pytest.fixture(scope="module")

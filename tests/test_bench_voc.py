@@ -18,12 +18,7 @@ from bench.data.voc import CLASSES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: small ops run faster single-threaded
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from unroll.verify import autograd_heatmaps
 K = 4  # classes, background included
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: small ops run faster single-threaded
 
 
 class Toy(Dataset):
