@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clf-steps", type=_positive_int, default=None, help="classifier training steps (default 600)")
     g.add_argument("--clf-lr", type=_positive_float, default=3e-3, help="classifier AdamW learning rate")
     g.add_argument("--clf-batch-size", type=_positive_int, default=32, help="classifier batch size")
+    g.add_argument("--clf-perturb", choices=("none", "gaussian", "binary"), default="none",
+                   help="model-pert: train the classifier on perturbed inputs (gaussian sigma 0.15 of the image's "
+                        "range, or binary pixel keep-probability 0.9)")
     g.add_argument("--steps", type=_positive_int, default=None, help="segmentation training steps (default 200)")
     g.add_argument("--batch-size", type=_positive_int, default=12, help="segmentation batch (pixel + image rows)")
     g.add_argument("--pixel-fraction", type=float, default=0.5, help="share of pixel-labelled rows in a batch")
@@ -302,7 +305,7 @@ def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
         tasks.append({
             "kind": "classifier", "id": f"seed {seed} · classifier", "seed": seed, "data": data, "dir": str(clf_dir),
             "weights": args.weights, "threads": args.threads, "keep": args.keep_checkpoints,
-            "tied_eval": any(m in TIED for m in args.models),
+            "perturb": args.clf_perturb, "tied_eval": any(m in TIED for m in args.models),
             "train": asdict(TrainConfig(steps=args.clf_steps, batch_size=args.clf_batch_size, lr=args.clf_lr,
                                         min_lr=args.clf_lr / 10, weight_decay=args.weight_decay,
                                         eval_every=args.eval_every * 2, select="f1",
@@ -397,7 +400,8 @@ def run_task(task: dict, resume: bool = False, report=None) -> dict:
     if task["kind"] == "classifier":
         torch.manual_seed(_stable_seed(task["seed"], "init"))
         clf = _make_classifier(task)
-        model = bench_models.build("classifier", clf, NUM_CLASSES)
+        model = bench_models.build("classifier", clf, NUM_CLASSES, perturbation=task.get("perturb", "none"),
+                                   seed=_stable_seed(task["seed"], "classifier-noise"))
         if task["tied_eval"]:  # the heatmaps of the untrained (initial) classifier: the floor
             result["test_heatmaps_initial"] = evaluate(bench_models.build("unrolled", clf, NUM_CLASSES),
                                                        data["test_input"], NUM_CLASSES)

@@ -10,7 +10,8 @@ fits them all and their encoders start identical.
 
 Models (maps; logits; loss):
 
-- ``classifier``: no maps; the classifier's logits; BCE on image-level labels (step 1 of the experiments).
+- ``classifier``: no maps; the classifier's logits; BCE on image-level labels (step 1 of the experiments);
+  ``perturbation=`` trains it on noisy inputs ("model-pert").
 - ``unrolled``: input x gradient heatmaps of every class (``unroll.compile``); the classifier's logits; CE + BCE.
 - ``unrolled-eps``: LRP-epsilon heatmaps (``unroll.compile(rule="epsilon")``); the classifier's logits; CE + BCE.
 - ``ws-ae``: the tied decoder with ReLUs on its own signal in place of the gates (zoo.WSAE); logits; CE + BCE.
@@ -48,6 +49,7 @@ __all__ = ["MODEL_NAMES", "SEG_MODELS", "build", "ClassifierModel", "UnrolledMod
 
 SEG_MODELS = ("unrolled", "unrolled-eps", "unet", "mt-unet", "ws-ae", "fcn")
 MODEL_NAMES = ("classifier", *SEG_MODELS)
+PERTURBATIONS = ("none", "gaussian", "binary")  # model-pert training of the classifier stage
 
 
 def _subset(x: Tensor, samples: Tensor | None) -> Tensor:
@@ -59,16 +61,41 @@ def _empty(samples: Tensor | None) -> bool:
 
 
 class ClassifierModel(nn.Module):
-    """The classifier alone: SegOutput(logits, None). Image-level training."""
+    """The classifier alone: SegOutput(logits, None). Image-level training.
+
+    ``perturbation`` ("gaussian" sigma 0.15 of each image's range, "binary" keep-probability 0.9; see
+    ``unroll.attribution.perturb``) perturbs every training batch: the saliency-vs-CAM paper's "model-pert"
+    fine-tuning. The noise of call n is drawn from a generator seeded with (seed, rank, n), and n is part of the
+    state dict, so a resumed run draws exactly the noise an uninterrupted one would; ranks draw different noise.
+    Evaluation (``eval()``) never perturbs.
+    """
 
     has_logits, has_seg = True, False
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: nn.Module, perturbation: str = "none", seed: int = 0):
         super().__init__()
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {perturbation!r}")
         self.classifier = classifier
+        self.perturbation, self.seed, self.calls = perturbation, seed, 0
 
     def forward(self, x: Tensor, samples: Tensor | None = None) -> SegOutput:
+        if self.training and self.perturbation != "none":
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            g = torch.Generator().manual_seed(hash((self.seed, rank, self.calls)) % 2**63)
+            self.calls += 1
+            x = unroll.attribution.perturb(x, self.perturbation, g)
         return SegOutput(self.classifier(x), None)
+
+    # the noise counter travels with checkpoints (a Python int: no device tensor, no host sync to read it)
+    def get_extra_state(self) -> dict:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.calls = int(state.get("calls", 0))
+
+    def extra_repr(self) -> str:
+        return f"perturbation={self.perturbation!r}" if self.perturbation != "none" else ""
 
 
 class HeatmapScale(nn.Module):
@@ -194,7 +221,8 @@ class UNetModel(nn.Module):
 
 
 def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float = 1e-6,
-          heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True) -> nn.Module:
+          heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
+          perturbation: str = "none", seed: int = 0) -> nn.Module:
     """The model called `name` (see MODEL_NAMES) on `classifier` (used as is: pass a copy to keep the original).
 
     The classifier's logits must have `num_classes` outputs (background included) for the tied models, whose maps
@@ -203,7 +231,9 @@ def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float 
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")
     if name == "classifier":
-        return ClassifierModel(classifier)
+        return ClassifierModel(classifier, perturbation, seed)
+    if perturbation != "none":
+        raise ValueError(f"perturbation={perturbation!r} is for the classifier stage (model-pert), not {name!r}")
     if name in ("unrolled", "unrolled-eps", "ws-ae"):
         k = _num_logits(classifier)
         if k is not None and k != num_classes:

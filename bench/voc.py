@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pixel-fraction", type=_float(0.0, True), default=0.5, help="share of pixel-labelled rows")
     g.add_argument("--lr", type=_float(0.0, True), default=1e-5, help="AdamW learning rate (constant)")
     g.add_argument("--pretrain-lr", type=_float(0.0, True), default=1e-4, help="classifier stage learning rate")
+    g.add_argument("--pretrain-perturb", choices=("none", "gaussian", "binary"), default="none",
+                   help="model-pert: train the classifier stage on perturbed inputs (gaussian sigma 0.15 of the "
+                        "image's range, or binary pixel keep-probability 0.9)")
     g.add_argument("--weight-decay", type=_float(0.0, False), default=1e-4)
     g.add_argument("--seg-weight", type=_float(0.0, False), default=1.0, help="weight of the pixel-wise CE")
     g.add_argument("--cls-weight", type=_float(0.0, False), default=1.0, help="weight of the sigmoid CE")
@@ -273,6 +276,8 @@ def get_classifier(args, data, device, rank, world, run_kw, console) -> tuple[to
     spec = {"backbone": args.backbone, "weights": args.weights, "steps": steps, "lr": args.pretrain_lr,
             "batch_size": args.batch_size, "image_size": args.image_size, "weight_decay": args.weight_decay,
             "seed": args.seed, "held_out": data["held_out"], "root": str(Path(args.root).resolve())}
+    if args.pretrain_perturb != "none":  # (absent otherwise, so classifiers cached before the flag stay valid)
+        spec["perturb"] = args.pretrain_perturb
     folder = Path(args.classifier_dir) if args.classifier_dir else Path(args.out) / "classifier"
     cached = folder / "classifier.pt"
     spec_file = folder / "spec.json"
@@ -291,7 +296,9 @@ def get_classifier(args, data, device, rank, world, run_kw, console) -> tuple[to
                       weight_decay=args.weight_decay, eval_every=min(steps, args.eval_every), select="f1",
                       eval_batch_size=args.eval_batch_size, seed=_stable_seed(args.seed, "classifier-batches"),
                       num_workers=run_kw["workers"])
-    model = bench_models.build("classifier", clf, NUM_CLASSES).to(device, memory_format=run_kw["memory_format"])
+    model = bench_models.build("classifier", clf, NUM_CLASSES, perturbation=args.pretrain_perturb,
+                               seed=_stable_seed(args.seed, "classifier-noise"))
+    model = model.to(device, memory_format=run_kw["memory_format"])
     with _Progress(console, "classifier", steps, cfg.batch_size, rank == 0 and not args.no_progress) as bar:
         train(model, cfg, num_classes=NUM_CLASSES, image_set=data["image"], val_set=data["held"],
               out_dir=folder, resume=True, on_step=bar.step, on_log=bar.log, **run_kw["train"])

@@ -1,9 +1,17 @@
 """Saliency vs CAM for weakly supervised segmentation: every method x background resolve -> mIoU, FG-Prec, DR-Rec,
-NDR-Rec, on digit scenes or single MNIST digits.
+NDR-Rec, on digit scenes, single MNIST digits or PASCAL VOC 2012 val.
 
     python -m bench.wsss --dataset digits                 # trains a small classifier (cached in --out), ~5 min
     python -m bench.wsss --dataset mnist --checkpoint runs/clf.pt
     python -m bench.wsss --dataset digits --quick         # seconds: a smoke run (what the tests do)
+    python -m bench.wsss --dataset voc --voc-root DIR --checkpoint runs/voc/classifier/classifier.pt \
+        --arch resnet50 --device cuda                     # a 21-output VOC classifier, e.g. bench.voc's stage 1
+
+VOC: the first --n-test images (default 100) of a seeded shuffle of Segmentation/val, each resized so its shorter
+side is --size (default 256) and centre-cropped to a square (the maps are batched; a crop keeps aspect ratios), label
+255 ignored, image labels = the classes of the crop's mask. The classifier must come from a checkpoint (this script
+trains classifiers only on digits). Model-pert rows on VOC: train the classifier stage of bench.voc with
+``--pretrain-perturb gaussian|binary`` and run this script on that checkpoint (its saliency row is the model-pert row).
 
 Pipeline: classifier (a checkpoint, or `train_classifier` here, cached as OUT/classifier.pt) -> for each method, the
 maps of each test image's positive classes (the image labels are known: weak supervision), from `unroll.attribution`
@@ -98,13 +106,16 @@ class Config:
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(METHOD_ORDER))
     panel_images: int = 3
+    voc_root: str | None = None  # dataset "voc": the folder holding VOCdevkit/VOC2012
+    device: str = "cpu"  # where the classifier and the decoder run (maps are gathered on the CPU)
 
     @classmethod
     def for_dataset(cls, dataset: str, quick: bool = False, **over) -> "Config":
-        base = {"digits": {"size": 64}, "mnist": {"size": 56}}[dataset]
+        base = {"digits": {"size": 64}, "mnist": {"size": 56},
+                "voc": {"size": 256, "finetune_epochs": 0, "attr_batch": 32}}[dataset]
         if quick:
-            base.update(size=32, n_train=192, n_test=6, epochs=1, finetune_epochs=1, samples=3, crops=5,
-                        attr_batch=16, panel_images=2)
+            base.update(size=32, n_train=192, n_test=6, epochs=1, samples=3, crops=5, attr_batch=16, panel_images=2,
+                        finetune_epochs=0 if dataset == "voc" else 1)
         base.update({k: v for k, v in over.items() if v is not None})
         return cls(dataset=dataset, **base)
 
@@ -118,7 +129,10 @@ def _progress() -> Progress:
 
 
 def load_split(cfg: Config, split: str):
-    """(images (N, 1, S, S), masks (N, S, S) long, labels (N, 11) multi-hot with background = 1)."""
+    """(images (N, C, S, S), masks (N, S, S) long, labels (N, L) multi-hot with background = 1); L = 11 for digits,
+    21 for VOC."""
+    if cfg.dataset == "voc":
+        return load_voc(cfg, split)
     from bench.data.digits import make_digit_scenes
 
     n = cfg.n_train if split == "train" else cfg.n_test
@@ -130,6 +144,43 @@ def load_split(cfg: Config, split: str):
     items = [ds[i] for i in range(len(ds))]
     return (torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items]),
             ds.labels.clone())
+
+
+def load_voc(cfg: Config, split: str):
+    """VOC 2012 Segmentation/val: n_test images of a seeded shuffle, shorter side resized to `size` (bilinear; masks
+    nearest), centre-cropped to size x size. Labels: the classes in the cropped mask (255 ignored), background = 1."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from bench.data.voc import NUM_CLASSES, VOCPixelSet
+
+    if split != "test":
+        raise ValueError("bench.wsss trains no classifier on VOC: pass --checkpoint (e.g. bench.voc's stage 1)")
+    ds = VOCPixelSet(cfg.voc_root, image_set="val", train=False)
+    order = np.random.default_rng(cfg.seed).permutation(len(ds))[:cfg.n_test]
+    images, masks, labels = [], [], []
+    for i in order.tolist():
+        item = ds[i]
+        image = TF.resize(item["image"], cfg.size, InterpolationMode.BILINEAR, antialias=True)
+        mask = TF.resize(item["mask"][None], cfg.size, InterpolationMode.NEAREST)[0]
+        image, mask = TF.center_crop(image, cfg.size), TF.center_crop(mask, cfg.size)
+        present = mask.unique()
+        y = torch.zeros(NUM_CLASSES)
+        y[present[present < NUM_CLASSES]] = 1
+        y[0] = 1
+        images.append(image)
+        masks.append(mask)
+        labels.append(y)
+    return torch.stack(images), torch.stack(masks), torch.stack(labels)
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Names of the label columns (background first)."""
+    if cfg.dataset == "voc":
+        from bench.data.voc import CLASSES
+
+        return list(CLASSES)
+    return ["background"] + [str(d) for d in range(10)]
 
 
 # ---------------------------------------------------------------------------------------------------------- classifier
@@ -182,20 +233,22 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return history
 
 
-def classifier_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Macro F1 over digit classes (logit > 0), the exact-match rate of the image's digit set, and top-1: how often the
-    highest digit logit is one of the image's digits."""
+def classifier_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> dict:
+    """Macro F1 over the object classes (logit > 0), the exact-match rate of the image's class set, and top-1: how
+    often the highest object logit is one of the image's classes."""
     from bench.metrics import MultilabelF1
 
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)])
-    K = logits.shape[1]
+        logits = torch.cat([model(images[i:i + batch].to(device)).float().cpu()
+                            for i in range(0, len(images), batch)])
+    K, fg = logits.shape[1], labels.shape[1] - 1  # fg: the object (non-background) classes, the last columns
     full = torch.cat([torch.full((len(logits), labels.shape[1] - K), 10.0), logits], 1)
     f1 = MultilabelF1(labels.shape[1])
     f1.update(full, labels)
-    exact = ((logits[:, -10:] > 0) == labels[:, -10:].bool()).all(1).float().mean()
-    top = logits[:, -10:].argmax(1)
-    top1 = labels[:, -10:].gather(1, top[:, None]).squeeze(1).float().mean()
+    exact = ((logits[:, -fg:] > 0) == labels[:, -fg:].bool()).all(1).float().mean()
+    top = logits[:, -fg:].argmax(1)
+    top1 = labels[:, -fg:].gather(1, top[:, None]).squeeze(1).float().mean()
     return {"f1": float(f1.compute()), "exact_match": float(exact), "top1": float(top1)}
 
 
@@ -271,7 +324,8 @@ def compute_maps(method: str, model: nn.Module, net, images: torch.Tensor, label
     """(N, L, H, W) maps in dataset class space (L = labels.shape[1]) for each image's positive foreground classes
     (zero maps elsewhere). A model with K < L outputs covers the last K classes."""
     L = labels.shape[1]
-    K = net.model(images[:1]).shape[1] if hasattr(net, "model") else L
+    device = torch.device(cfg.device)
+    K = net.model(images[:1].to(device)).shape[1] if hasattr(net, "model") else L
     offset = L - K
     mask = labels.bool().clone()
     mask[:, 0] = False  # background is not a class of any map
@@ -294,7 +348,7 @@ def compute_maps(method: str, model: nn.Module, net, images: torch.Tensor, label
     task = progress.add_task(f"maps: {method}", total=len(images)) if progress else None
     out = []
     for i in range(0, len(images), chunk):
-        maps = fn(images[i:i + chunk], mask[i:i + chunk])
+        maps = fn(images[i:i + chunk].to(device), mask[i:i + chunk].to(device)).float().cpu()
         out.append(F.pad(maps, (0, 0, 0, 0, offset, 0)) if offset else maps)
         if progress:
             progress.advance(task, len(maps))
@@ -388,17 +442,28 @@ def markdown(results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mask_cmap():
+def _mask_cmap(n: int):
+    """Black background, then tab10 (digits) or tab20 (up to 20 object classes: VOC)."""
+    import matplotlib
     from matplotlib.colors import ListedColormap
 
-    colours = [(0, 0, 0)] + [tuple(c) for c in __import__("matplotlib").colormaps["tab10"].colors]
-    return ListedColormap(colours)
+    table = matplotlib.colormaps["tab10" if n <= 11 else "tab20"].colors
+    return ListedColormap([(0, 0, 0)] + [tuple(c) for c in table][:n - 1])
 
 
-def _show_mask(ax, mask):
+def _show_mask(ax, mask, n: int):
     m = mask.numpy().astype(float)
-    m[m == 255] = np.nan
-    ax.imshow(m, cmap=_mask_cmap(), vmin=-0.5, vmax=10.5, interpolation="nearest")
+    m[m == 255] = np.nan  # void: left blank
+    ax.imshow(m, cmap=_mask_cmap(n), vmin=-0.5, vmax=n - 0.5, interpolation="nearest")
+
+
+def _show_image(ax, image):
+    """A grey image as is; a colour (normalised) image min-max scaled to [0, 1] for display."""
+    if image.shape[0] == 1:
+        ax.imshow(image[0].numpy(), cmap="gray")
+    else:
+        img = image.permute(1, 2, 0)
+        ax.imshow(((img - img.min()) / (img.max() - img.min()).clamp_min(1e-12)).numpy())
 
 
 def panel(path: Path, method: str, idx: list[int], images, masks, labels, cam_maps, sal_maps, maps, segments,
@@ -418,15 +483,15 @@ def panel(path: Path, method: str, idx: list[int], images, masks, labels, cam_ma
         scores = prepare(sub(maps), r, segments=sub(segments))
         resolved[r] = resolve_basic(scores, sub(labels), thresholds[r], normalized=True)
     for row, i in enumerate(idx):
-        shows = [("img", images[i, 0]), ("mask", masks[i]),
+        shows = [("img", images[i]), ("mask", masks[i]),
                  ("map", normalize(cam_maps[i:i + 1])[0].amax(0)), ("map", normalize(sal_maps[i:i + 1])[0].amax(0)),
                  ("map", normalize(maps[i:i + 1])[0].amax(0))] + [("mask", resolved[r][row]) for r in RESOLVES]
         for col, (kind, data) in enumerate(shows):
             ax = axes[row, col]
             if kind == "img":
-                ax.imshow(data.numpy(), cmap="gray")
+                _show_image(ax, data)
             elif kind == "mask":
-                _show_mask(ax, data)
+                _show_mask(ax, data, labels.shape[1])
             else:
                 ax.imshow(data.numpy(), cmap="jet", vmin=0, vmax=1)
             ax.set_xticks([])
@@ -439,7 +504,7 @@ def panel(path: Path, method: str, idx: list[int], images, masks, labels, cam_ma
 
 
 
-def hyperplane_scatter(path: Path, c: int, image, mask, cam_maps, sal_maps, tau_sal: float):
+def hyperplane_scatter(path: Path, c: int, image, mask, cam_maps, sal_maps, tau_sal: float, name: str = ""):
     """For one image and one of its classes c: each pixel at (CAM_c - tau_cam, saliency_c - tau_sal), its signed
     distances to the CAM hyperplane {CAM = tau_cam} and the saliency hyperplane {saliency = tau_sal} (normalised maps).
     Ground-truth pixels of c coloured by quadrant: HSR/LSR (high / low saliency region) x DR/NDR; others grey."""
@@ -456,8 +521,8 @@ def hyperplane_scatter(path: Path, c: int, image, mask, cam_maps, sal_maps, tau_
               "LSR-NDR": (dy < 0) & (dx < 0)}
     colours = {"HSR-DR": "tab:red", "LSR-DR": "tab:orange", "HSR-NDR": "tab:blue", "LSR-NDR": "tab:gray"}
     fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 4.4))
-    a0.imshow(image[0].numpy(), cmap="gray")
-    a0.set_title(f"image (class {c - 1})")
+    _show_image(a0, image)
+    a0.set_title(f"image (class {name or c})")
     overlay = np.zeros((*mask.shape, 3))
     for name, sel in groups.items():
         from matplotlib.colors import to_rgb
@@ -496,6 +561,9 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
         t0 = time.time()
         test_x, test_m, test_y = load_split(cfg, "test")
         train_x = train_y = None
+        if cfg.dataset == "voc" and checkpoint is None:
+            raise ValueError("--dataset voc needs --checkpoint: a 21-output VOC classifier (bench.voc caches its "
+                             "classification stage as OUT/classifier/classifier.pt; pass --arch with it)")
         if checkpoint is None or (cfg.finetune_epochs > 0 and any(m.startswith("model_pert") for m in cfg.methods)):
             train_x, _, train_y = load_split(cfg, "train")
         timings["data"] = time.time() - t0
@@ -514,7 +582,7 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
                 lambda m: train_classifier(m, train_x, train_y, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
                                            progress=progress, description="train classifier"))
         timings["classifier"] = time.time() - t0
-        scores = classifier_scores(model, test_x, test_y)
+        scores = classifier_scores(model.to(cfg.device), test_x, test_y)
         console.log(f"classifier {'loaded' if cached else 'trained'}: test F1 {scores['f1']:.3f}, "
                     f"exact match {scores['exact_match']:.3f}")
 
@@ -532,11 +600,12 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
                 lambda m, kind=kind: train_classifier(m, train_x, train_y, cfg.finetune_epochs, cfg.batch_size,
                                                       lr=cfg.lr / 3, perturbation=kind, seed=cfg.seed + 7,
                                                       progress=progress, description=f"fine-tune ({kind})"),
-                init=model)
+                init=model.cpu())  # (the fine-tuning below trains on the CPU)
             timings[f"finetune_{kind}"] = time.time() - t0
 
         segments = superpixels(test_x)
-        nets = {name: unroll.compile(m.eval()) for name, m in models.items()}
+        models = {name: m.eval().to(cfg.device) for name, m in models.items()}
+        nets = {name: unroll.compile(m) for name, m in models.items()}
         L = test_y.shape[1]
         maps: dict[str, torch.Tensor] = {}
         results = {}
@@ -561,7 +630,7 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
         tau_sal = results["saliency"]["basic"]["threshold"]
         j, c = _scatter_pick(test_m, test_y, maps["cam"])
         quadrants = hyperplane_scatter(out / "hyperplanes.png", c, test_x[j], test_m[j], maps["cam"][j],
-                                       maps["saliency"][j], tau_sal)
+                                       maps["saliency"][j], tau_sal, class_names(cfg)[c])
 
     meta = {"dataset": cfg.dataset, "size": cfg.size, "n_test": len(test_x), "config": asdict(cfg),
             "classifier": {"config": config, "scores": scores, "cached": cached,
@@ -627,6 +696,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crops", type=int, help="crop proposals per image (paper: up to 140)")
     p.add_argument("--attr-batch", type=int, help="perturbed copies per decoder pass (bounds memory)")
     p.add_argument("--methods", nargs="+", choices=METHOD_ORDER, help="subset of methods (CAM and saliency always)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the classifier and decoder run")
     add_threads_flag(p)
     return p.parse_args(argv)
 
@@ -648,25 +718,36 @@ def main(argv=None) -> int:
         from bench.data import data_root
         from bench.data.voc import VOCMissingError, find_voc
 
+        args.voc_root = args.voc_root or data_root() / "voc12"
         try:
-            find_voc(args.voc_root or data_root() / "voc12")
+            find_voc(args.voc_root)
         except VOCMissingError as e:
             console.print(f"[red]--dataset voc: PASCAL VOC 2012 images are not available here.[/red] {e}\n"
                           "Use --dataset digits or --dataset mnist.")
             return 2
-        console.print("[red]--dataset voc: VOC was found, but the VOC run of bench.wsss is not implemented yet "
-                      "(it needs a VOC classifier from bench.voc).[/red] Use --dataset digits or mnist.")
+        if args.checkpoint is None:
+            console.print("[red]--dataset voc needs --checkpoint[/red]: a 21-output VOC classifier, e.g. the "
+                          "classification stage bench.voc caches as OUT/classifier/classifier.pt (with --arch).")
+            return 2
+        if args.finetune_epochs:
+            console.print("[red]--finetune-epochs: model-pert fine-tuning runs on digits only.[/red] On VOC, train "
+                          "the classifier with `python -m bench.voc --pretrain-perturb gaussian|binary` and pass it "
+                          "as --checkpoint.")
+            return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        console.print("[red]--device cuda: no CUDA device is visible[/red]")
         return 2
     methods = args.methods
-    if args.finetune_epochs == 0:
+    if args.finetune_epochs == 0 or args.dataset == "voc":
         methods = [m for m in (methods or METHOD_ORDER) if not m.startswith("model_pert")]
     cfg = Config.for_dataset(args.dataset, args.quick, size=args.size, n_train=args.n_train, n_test=args.n_test,
                              epochs=args.epochs, finetune_epochs=args.finetune_epochs, samples=args.samples,
-                             crops=args.crops, attr_batch=args.attr_batch, seed=args.seed, methods=methods)
+                             crops=args.crops, attr_batch=args.attr_batch, seed=args.seed, methods=methods,
+                             voc_root=str(args.voc_root) if args.voc_root else None, device=args.device)
     out = args.out or Path("runs") / f"wsss-{args.dataset}{'-quick' if args.quick else ''}"
     try:
         run(cfg, out, args.checkpoint, args.arch)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]{e}[/red]")
         return 2
     return 0

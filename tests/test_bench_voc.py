@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import zoo
 from bench import voc as cli
 from bench.data.fake_voc import make_fake_voc
 from bench.data.voc import CLASSES
@@ -72,6 +73,21 @@ def test_resume_matches_uninterrupted(voc_root, clf_dir, tmp_path):
     assert a["reported"].startswith("best held-out mIoU") and len(a["held_out_ids"]) == 2
     assert not set(a["held_out_ids"]) & set(a["labelled_ids"])
     assert (ref / "history.jsonl").read_text() == (split / "history.jsonl").read_text()
+
+
+def test_model_pert_classifier_stage(voc_root, clf_dir, tmp_path):
+    """--pretrain-perturb trains the classifier stage on noisy inputs; the choice is part of the cache spec (a clean
+    cached classifier is never taken for a perturbed one) and the cached file stays a plain classifier state dict."""
+    pert_dir = tmp_path / "clf-binary"
+    args = flags(voc_root, tmp_path / "o", pert_dir, "unrolled", "--no-figures", "--steps", "1",
+                 "--pretrain-perturb", "binary")
+    assert cli.main(args) == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["classifier"]["perturb"] == "binary" and m["classifier"]["source"] == "trained here"
+    spec = json.loads((pert_dir / "spec.json").read_text())
+    assert spec["perturb"] == "binary"
+    clf = zoo.classifier("small_vgg", 21)
+    clf.load_state_dict(torch.load(pert_dir / "classifier.pt", weights_only=True))  # strict: no extra keys
 
 
 def test_missing_data_exits_2(tmp_path, capsys):

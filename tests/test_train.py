@@ -334,3 +334,46 @@ def test_evaluate_reports_miou_and_f1():
     seg_only = T.evaluate(build("unet"), Toy(5), K)
     assert seg_only["f1"] is not None, "seg-only models report the F1 of the classifier they share"
     assert T.evaluate(build("classifier"), Toy(5), K)["miou"] is None
+
+
+# ------------------------------------------------------------------------------------------------------- model-pert
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "binary"])
+def test_model_pert_perturbs_training_batches_only(kind):
+    model = build("classifier", perturbation=kind, seed=0)
+    x = Toy(4)[0]["image"][None].repeat(3, 1, 1, 1) + 0.1
+    clean = model.classifier(x)
+    model.train()
+    noisy_a, noisy_b = model(x).logits, model(x).logits
+    assert not torch.allclose(noisy_a, clean) and not torch.allclose(noisy_a, noisy_b)  # fresh noise each call
+    model.eval()
+    assert torch.equal(model(x).logits, model.classifier(x))  # evaluation sees the clean input
+    assert model.calls == 2
+
+
+def test_model_pert_noise_resumes_exactly(tmp_path):
+    img, val = Toy(12, seed=1), Toy(6, seed=2)
+    cfg = T.TrainConfig(steps=6, select="f1", **CFG)
+    full = build("classifier", perturbation="binary")
+    ref = T.train(full, cfg, num_classes=K, image_set=img, val_set=val, out_dir=tmp_path / "a")
+    part = build("classifier", perturbation="binary")
+    T.train(part, cfg, num_classes=K, image_set=img, val_set=val, out_dir=tmp_path / "b", stop_after=3)
+    assert part.calls == 3
+    resumed = build("classifier", perturbation="binary", seed=5)
+    again = T.train(resumed, cfg, num_classes=K, image_set=img, val_set=val, out_dir=tmp_path / "b", resume=True)
+    assert again.history == ref.history  # same losses at every step: the same noise was drawn
+    assert resumed.calls == full.calls  # (the selected step's count: selection restores the best state)
+    for k, v in full.classifier.state_dict().items():
+        assert torch.equal(v, resumed.classifier.state_dict()[k]), k
+    # and the noise mattered: a run without it ends elsewhere
+    clean = build("classifier")
+    T.train(clean, cfg, num_classes=K, image_set=img, val_set=val, out_dir=tmp_path / "c")
+    assert not torch.equal(clean.classifier.features[0].weight, full.classifier.features[0].weight)
+
+
+def test_model_pert_rejects_bad_kinds():
+    with pytest.raises(ValueError, match="perturbation must be one of"):
+        build("classifier", perturbation="salt")
+    with pytest.raises(ValueError, match="classifier stage"):
+        build("unrolled", perturbation="binary")

@@ -200,6 +200,44 @@ def test_wsss_voc_without_voc_exits_2(tmp_path, monkeypatch):
     assert wsss.main(["--dataset", "voc", "--out", str(tmp_path / "o")]) == 2
 
 
+def test_wsss_voc_on_a_fake_voc_tree(tmp_path):
+    """The VOC path end to end on a tiny VOC-format tree: a 21-output classifier checkpoint (what bench.voc's
+    classification stage caches), colour images, 255 borders, every method and resolve."""
+    import zoo
+    from bench import wsss
+    from bench.data.fake_voc import make_fake_voc
+
+    root = make_fake_voc(tmp_path / "voc", n_train=2, n_val=5, n_extra=0, seed=3)
+    torch.manual_seed(0)
+    clf = zoo.classifier("small_vgg", 21, widths=(8, 16))
+    torch.save(clf.state_dict(), tmp_path / "clf.pt")
+    out = tmp_path / "o"
+    # no checkpoint, or model-pert fine-tuning asked for: clear errors, exit 2
+    assert wsss.main(["--dataset", "voc", "--voc-root", str(root), "--out", str(out)]) == 2
+    assert wsss.main(["--dataset", "voc", "--voc-root", str(root), "--checkpoint", str(tmp_path / "clf.pt"),
+                      "--finetune-epochs", "1", "--out", str(out)]) == 2
+    methods = [m for m in wsss.METHOD_ORDER if not m.startswith("model_pert")]
+    assert wsss.main(["--dataset", "voc", "--voc-root", str(root), "--checkpoint", str(tmp_path / "clf.pt"),
+                      "--quick", "--n-test", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["results"]) == set(methods)  # model-pert rows: not on VOC (see --pretrain-perturb)
+    assert report["n_test"] == 4 and report["size"] == 32
+    assert report["classifier"]["config"]["num_classes"] == 21
+    for per_resolve in report["results"].values():
+        for v in per_resolve.values():
+            assert 0 <= v["miou"] <= 1
+    x, masks, labels = wsss.load_split(wsss.Config.for_dataset("voc", quick=True, n_test=4, voc_root=str(root)),
+                                       "test")
+    assert x.shape == (4, 3, 32, 32) and masks.shape == (4, 32, 32) and labels.shape == (4, 21)
+    assert (masks == 255).any()  # the void borders survive the resize (nearest) and are ignored by the metrics
+    for m, y in zip(masks, labels):  # image labels are exactly the classes of the cropped mask, background first
+        present = set(m.unique().tolist()) - {255}
+        assert set(y.nonzero().flatten().tolist()) == present | {0}
+    fg = int(((masks != 0) & (masks != 255)).sum())
+    assert report["region_pixels"]["dr"] + report["region_pixels"]["ndr"] == fg
+    assert (out / "hyperplanes.png").is_file() and (out / "panel_random_crops.png").is_file()
+
+
 def test_window_quick_cli(tmp_path):
     from bench import window
 
