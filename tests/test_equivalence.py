@@ -158,6 +158,21 @@ def test_classes_and_samples_select_heatmaps():
     torch.testing.assert_close(rows, full[[2, 0]], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_samples_with_dropout(train):
+    """VGG's classifier has Dropout: in eval mode its saved mask is None, in train mode the forward's own mask; either
+    way the selected rows equal the same rows of the full batch."""
+    torch.manual_seed(0)
+    model = tvm.vgg11(num_classes=3).double().train(train)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.double)
+    net = unroll.compile(model)
+    with torch.no_grad():
+        logits, saved = net.encode(x)
+        full = net.decode(logits, saved)
+        rows = net.decode(logits, saved, samples=torch.tensor([2, 0]))
+    torch.testing.assert_close(rows, full[[2, 0]], rtol=1e-12, atol=1e-14)
+
+
 def test_inference_mode_and_input_size_change():
     model, _ = make("resnet18", 1)
     net = unroll.compile(model)

@@ -349,7 +349,8 @@ class Unrolled(nn.Module):
     def decode(self, logits: torch.Tensor, saved: tuple, classes=None, samples=None, gradients: bool = False):
         """Heatmaps (or input gradients) for `classes` (default: all) of `samples` (default: the whole batch)."""
         if samples is not None:
-            saved = tuple(s[samples] if b else s for s, b in zip(saved, self.batched))
+            # (None: a dropout mask in eval mode, i.e. nothing to select)
+            saved = tuple(s[samples] if b and s is not None else s for s, b in zip(saved, self.batched))
             logits = logits[samples]
         decoder = self.gradient_decoder if gradients else self.decoder
         seed = self.seed(logits, classes)
