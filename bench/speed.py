@@ -30,7 +30,7 @@ import torchvision
 
 import unroll
 
-HEATMAP_ROWS = ["forward", "forward_bk", "unroll", "autograd_loop", "autograd_batched", "captum", "zennit",
+HEATMAP_ROWS = ["forward", "forward_bk", "unroll", "unroll_one_pass", "autograd_loop", "autograd_batched", "captum", "zennit",
                 "unroll_eps"]
 TRAIN_ROWS = ["train_unroll", "train_unroll_lowmem", "train_double_backprop", "train_half_unroll",
               "train_half_double_backprop"]
@@ -86,6 +86,7 @@ class Setup:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.net = unroll.compile(model, classes_per_chunk=args.chunk, checkpoint=args.checkpoint)
+        self.net_one_pass = unroll.compile(model, classes_per_chunk=None)
         # The epsilon rows (unroll_eps, zennit) run on a copy with BatchNorm eps = 0: zennit's canonizer merges BN into
         # the conv and leaves an "identity" BN that still divides by sqrt(1 + eps), so with eps > 0 the two compute
         # slightly different networks (measured 1e-3 relative on resnet18); with 0 they agree to 5e-7 in float32.
@@ -129,6 +130,10 @@ class Setup:
     def unroll(self):
         with torch.no_grad(), self.autocast:
             return self.net(self.x).heatmaps
+
+    def unroll_one_pass(self):
+        with torch.no_grad(), self.autocast:
+            return self.net_one_pass(self.x).heatmaps
 
     def unroll_eps(self):
         with torch.no_grad(), self.autocast:
@@ -212,7 +217,8 @@ class Setup:
 DESCRIPTIONS = {
     "forward": "encoder forward alone (the unit)",
     "forward_bk": "encoder forward on B*K images (the floor)",
-    "unroll": "unroll.compile: all classes, one decoder pass",
+    "unroll": "unroll.compile: all classes (default chunks)",
+    "unroll_one_pass": "unroll.compile(classes_per_chunk=None)",
     "autograd_loop": "autograd.grad, one backward per class",
     "autograd_batched": "autograd.grad(is_grads_batched=True) (vmap)",
     "captum": "captum InputXGradient, one call per class",
@@ -232,7 +238,7 @@ def check_agreement(s: Setup, rows: list[str]) -> dict[str, float]:
     ref = s.unroll().float()
     errors = {}
     for name in rows:
-        if name in ("autograd_loop", "autograd_batched", "captum"):
+        if name in ("unroll_one_pass", "autograd_loop", "autograd_batched", "captum"):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # captum: "required_grads has been set automatically"
@@ -344,7 +350,7 @@ def memory_in_subprocess(args, name: str) -> float | None:
 def _config_flags(args) -> list[str]:
     flags = ["--model", args.model, "--size", str(args.size), "--batch", str(args.batch), "--classes",
              str(args.classes), "--device", args.device, "--dtype", args.dtype]
-    flags += ["--chunk", str(args.chunk)] if args.chunk else []
+    flags += ["--chunk", "none" if args.chunk is None else str(args.chunk)]
     flags += ["--checkpoint"] if args.checkpoint else []
     flags += ["--channels-last"] if args.channels_last else []
     return flags
@@ -462,32 +468,48 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+SCALING_ROWS = ("forward", "forward_bk", "unroll", "autograd_loop")
+
+
 def scaling(args) -> dict:
-    """Time of unroll heatmaps vs number of classes and vs image size (README table)."""
+    """unroll heatmaps vs number of classes (1, 5, 21, 80) and vs image size (64, 128, 224), beside the encoder
+    forward, the floor (a forward on B*K images) and the autograd loop (README table)."""
     from rich.console import Console
     from rich.table import Table
 
     out = {"classes": {}, "size": {}}
     console = Console(width=max(150, Console().width))
-    for K in (1, 5, 21, 80):
-        a = argparse.Namespace(**{**vars(args), "classes": K})
-        s = Setup(a)
-        out["classes"][K] = {r: time_row(s, r, args.warmup, args.repeats) for r in ("forward", "unroll")}
-    for size in (64, 128, 224):
-        a = argparse.Namespace(**{**vars(args), "size": size})
-        s = Setup(a)
-        out["size"][size] = {r: time_row(s, r, args.warmup, args.repeats) for r in ("forward", "unroll")}
-    table = Table(title=f"unroll scaling, {args.model}, batch {args.batch}, {args.device}")
-    for c in ("setting", "forward ms", "all-class heatmaps ms", "x forward"):
-        table.add_column(c)
-    for K, t in out["classes"].items():
-        table.add_row(f"K={K}, {args.size}px", f"{t['forward'] * 1e3:.1f}", f"{t['unroll'] * 1e3:.1f}",
-                      f"{t['unroll'] / t['forward']:.1f}")
-    for size, t in out["size"].items():
-        table.add_row(f"K={args.classes}, {size}px", f"{t['forward'] * 1e3:.1f}", f"{t['unroll'] * 1e3:.1f}",
-                      f"{t['unroll'] / t['forward']:.1f}")
+    settings = [("classes", K, {"classes": K}) for K in (1, 5, 21, 80)]
+    settings += [("size", size, {"size": size}) for size in (64, 128, 224)]
+    for axis, value, change in settings:
+        s = Setup(argparse.Namespace(**{**vars(args), **change}))
+        out[axis][value] = {r: time_row(s, r, args.warmup, args.repeats) for r in SCALING_ROWS}
+        del s
+    table = Table(title=f"unroll scaling, {args.model}, batch {args.batch}, {args.device} {args.dtype}")
+    for c in ("setting", "forward ms", "forward on B*K ms", "unroll ms", "autograd loop ms", "unroll / floor",
+              "unroll / loop", "unroll ms per class"):
+        table.add_column(c, justify="right")
+    for axis, value, change in settings:
+        t = out[axis][value]
+        K = change.get("classes", args.classes)
+        size = change.get("size", args.size)
+        table.add_row(f"K={K}, {size}px", *(f"{t[r] * 1e3:.0f}" for r in SCALING_ROWS),
+                      f"{t['unroll'] / t['forward_bk']:.2f}", f"{t['unroll'] / t['autograd_loop']:.2f}",
+                      f"{t['unroll'] * 1e3 / K:.0f}")
     console.print(table)
     return out
+
+
+def _chunk(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, 'none' or 'auto', got {text!r}")
+    return n
 
 
 def parser() -> argparse.ArgumentParser:
@@ -502,7 +524,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rows", nargs="*", choices=HEATMAP_ROWS + TRAIN_ROWS, help="a subset of rows")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-row memory subprocesses")
-    p.add_argument("--chunk", type=int, default=None, help="classes_per_chunk of the compiled module")
+    p.add_argument("--chunk", type=_chunk, default="auto",
+                   help="classes_per_chunk of the compiled module: a number, 'none' (all classes in one pass) or "
+                        "'auto' (the default: all at once on CUDA, a few at a time on the CPU)")
     p.add_argument("--checkpoint", action="store_true", help="recompute the decoder in backward")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the unrolled module")

@@ -25,13 +25,42 @@ def loss_and_grads(net, model, x, mask):
 def test_chunks_and_checkpoint_are_exact(resnet):
     x = torch.randn(2, 3, 45, 37, dtype=torch.double)
     mask = torch.randint(0, 7, (2, 45, 37))
-    ref, ref_grads = loss_and_grads(unroll.compile(resnet), resnet, x, mask)
-    for kw in ({"classes_per_chunk": 3}, {"checkpoint": True}, {"classes_per_chunk": 2, "checkpoint": True}):
+    ref, ref_grads = loss_and_grads(unroll.compile(resnet, classes_per_chunk=None), resnet, x, mask)
+    for kw in ({"classes_per_chunk": 3}, {"checkpoint": True}, {"classes_per_chunk": 2, "checkpoint": True},
+               {"classes_per_chunk": "auto"}):
         out, grads = loss_and_grads(unroll.compile(resnet, **kw), resnet, x, mask)
         assert relative_error(out.heatmaps, ref.heatmaps) < 1e-12, kw
         for g, r in zip(grads, ref_grads):
             if r is not None:
                 assert relative_error(g, r) < 1e-10, kw
+
+
+def test_auto_chunks_on_the_cpu(resnet, monkeypatch):
+    """"auto": as many classes per pass as keep the largest decoder tensor under AUTO_CHUNK_BYTES -- resnet18 at
+    224 px, batch 2: the stem's 64x112x112 activations are 6.4 MB per class in float32, so 3 classes per pass."""
+    from unroll.compiler import auto_chunk
+
+    import copy
+
+    net = unroll.compile(copy.deepcopy(resnet).float())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        logits, saved = net.encode(x)
+        seed = net.seed(logits)
+        assert auto_chunk(seed, saved) == 3
+        assert auto_chunk(seed.double(), saved) == 1  # (8-byte elements)
+        one = tuple(s[:1] if torch.is_tensor(s) else s for s in saved)  # batch 1: 3.2 MB per class -> 7
+        assert auto_chunk(seed[:1], one) == 7
+        calls = []
+        monkeypatch.setattr(net, "_run", lambda dec, part, sv: calls.append(part.shape[1]) or dec(part, *sv))
+        net.decode(logits, saved)
+    assert calls == [3, 3, 1]  # the fixture's 7 classes, 3 per pass
+
+
+def test_classes_per_chunk_is_checked(resnet):
+    for bad in (0, -2, "all", 1.5):
+        with pytest.raises(ValueError, match="classes_per_chunk"):
+            unroll.compile(resnet, classes_per_chunk=bad)
 
 
 def test_channels_last(resnet):
