@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from bench import models as bench_models
+from bench.cli import integer, number
 from bench.train import TrainConfig, evaluate, predict, train
 
 __all__ = ["main", "build_parser", "plan", "DEFAULT_MODELS"]
@@ -56,34 +57,9 @@ DEFAULTS = {"seeds": 3, "labels": "10,50,250,all", "clf_steps": 600, "steps": 20
 # ----------------------------------------------------------------------------------------------------------- parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _weight(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+_positive_int = integer(1)
+_positive_float = number(0.0, strict=True)
+_weight = number(0.0, strict=False)
 
 
 def _labels(text: str) -> list[int | str]:

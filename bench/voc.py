@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.cli import integer, number
+
 __all__ = ["main", "build_parser", "MODELS"]
 
 MODELS = ("unrolled", "unrolled-eps", "unet", "mt-unet", "ws-ae", "fcn")
@@ -52,35 +54,11 @@ EVOLUTION_SIZE = 128  # evolution snapshots: images resized to this, heatmaps st
 # ----------------------------------------------------------------------------------------------------------- parser
 
 
-def _int(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-    return parse
-
-
-def _float(low: float, strict: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {low:g}, got {text}")
-        return value
-    return parse
-
-
 def _scale(text: str) -> float | str:
     if text == "learn":
         return "learn"
     try:
-        return _float(0.0, True)(text)
+        return number(0.0, True)(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"--heatmap-scale takes a positive number or 'learn', got {text!r}") from None
 
@@ -95,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--root", default="data", help="folder holding VOCdevkit/VOC2012 (torchvision's root)")
     g.add_argument("--download", action="store_true", help="download VOC 2012 trainval (~2 GB) into --root if absent")
-    g.add_argument("--labels", type=_int(1), default=20, help="pixel-labelled images out of the 1464 of train")
-    g.add_argument("--image-size", type=_int(16), default=256, help="training crop side (pixels)")
-    g.add_argument("--select-on", type=_int(0), default=0,
+    g.add_argument("--labels", type=integer(1), default=20, help="pixel-labelled images out of the 1464 of train")
+    g.add_argument("--image-size", type=integer(16), default=256, help="training crop side (pixels)")
+    g.add_argument("--select-on", type=integer(0), default=0,
                    help="hold out this many segmentation-train images (outside the labelled ones) and keep the "
                         "step with the best held-out mIoU; 0 = report the last step. Val is never used.")
     g = p.add_argument_group("model")
@@ -111,38 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classifier-dir", default=None, help="where the pretrained classifier is cached (OUT/classifier)")
     g.add_argument("--heatmap-scale", type=_scale, default=1.0,
                    help="factor on the tied models' heatmaps before the CE (1 = the paper), or 'learn'")
-    g.add_argument("--init-scale", type=_float(0.0, True), default=1.0, help="initial value of a learnt scale")
-    g.add_argument("--epsilon", type=_float(0.0, True), default=1e-2, help="LRP-epsilon's epsilon (unrolled-eps)")
+    g.add_argument("--init-scale", type=number(0.0, True), default=1.0, help="initial value of a learnt scale")
+    g.add_argument("--epsilon", type=number(0.0, True), default=1e-2, help="LRP-epsilon's epsilon (unrolled-eps)")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=_int(1), default=None, help="segmentation steps (default 10000)")
-    g.add_argument("--epochs", type=_float(0.0, True), default=None,
+    g.add_argument("--steps", type=integer(1), default=None, help="segmentation steps (default 10000)")
+    g.add_argument("--epochs", type=number(0.0, True), default=None,
                    help="instead of --steps: passes over the image-level pool")
-    g.add_argument("--pretrain-steps", type=_int(0), default=None, help="classification-only steps (default 5000)")
-    g.add_argument("--pretrain-epochs", type=_float(0.0, True), default=None,
+    g.add_argument("--pretrain-steps", type=integer(0), default=None, help="classification-only steps (default 5000)")
+    g.add_argument("--pretrain-epochs", type=number(0.0, True), default=None,
                    help="instead of --pretrain-steps: passes over the image-level pool")
-    g.add_argument("--batch-size", type=_int(1), default=10, help="global batch (pixel + image-level rows)")
-    g.add_argument("--pixel-fraction", type=_float(0.0, True), default=0.5, help="share of pixel-labelled rows")
-    g.add_argument("--lr", type=_float(0.0, True), default=1e-5, help="AdamW learning rate (constant)")
-    g.add_argument("--pretrain-lr", type=_float(0.0, True), default=1e-4, help="classifier stage learning rate")
+    g.add_argument("--batch-size", type=integer(1), default=10, help="global batch (pixel + image-level rows)")
+    g.add_argument("--pixel-fraction", type=number(0.0, True), default=0.5, help="share of pixel-labelled rows")
+    g.add_argument("--lr", type=number(0.0, True), default=1e-5, help="AdamW learning rate (constant)")
+    g.add_argument("--pretrain-lr", type=number(0.0, True), default=1e-4, help="classifier stage learning rate")
     g.add_argument("--pretrain-perturb", choices=("none", "gaussian", "binary"), default="none",
                    help="model-pert: train the classifier stage on perturbed inputs (gaussian sigma 0.15 of the "
                         "image's range, or binary pixel keep-probability 0.9)")
-    g.add_argument("--weight-decay", type=_float(0.0, False), default=1e-4)
-    g.add_argument("--seg-weight", type=_float(0.0, False), default=1.0, help="weight of the pixel-wise CE")
-    g.add_argument("--cls-weight", type=_float(0.0, False), default=1.0, help="weight of the sigmoid CE")
-    g.add_argument("--eval-every", type=_int(1), default=1000, help="checkpoint (and held-out evaluation) interval")
-    g.add_argument("--eval-batch-size", type=_int(1), default=4, help="full-image evaluation batch")
+    g.add_argument("--weight-decay", type=number(0.0, False), default=1e-4)
+    g.add_argument("--seg-weight", type=number(0.0, False), default=1.0, help="weight of the pixel-wise CE")
+    g.add_argument("--cls-weight", type=number(0.0, False), default=1.0, help="weight of the sigmoid CE")
+    g.add_argument("--eval-every", type=integer(1), default=1000, help="checkpoint (and held-out evaluation) interval")
+    g.add_argument("--eval-batch-size", type=integer(1), default=4, help="full-image evaluation batch")
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--amp", action="store_true", help="bf16 autocast")
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA (channels_last is the default)")
-    g.add_argument("--workers", type=_int(0), default=None, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
-    g.add_argument("--seed", type=_int(0), default=0)
+    g.add_argument("--workers", type=integer(0), default=None, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
+    g.add_argument("--seed", type=integer(0), default=0)
     g.add_argument("--out", default="runs/voc", help="output folder")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--no-figures", action="store_true")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
-    g.add_argument("--stop-after", type=_int(1), default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
+    g.add_argument("--stop-after", type=integer(1), default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     return p
 
 

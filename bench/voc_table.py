@@ -51,9 +51,9 @@ def _model_name(text: str) -> str:
 
 
 def _count(text: str) -> int:
-    from bench.voc import _int  # the one integer-flag parser of the VOC CLIs
+    from bench.cli import integer
 
-    return _int(1)(text)
+    return integer(1)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

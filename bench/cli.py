@@ -1,0 +1,34 @@
+"""argparse value types shared by the bench CLIs: a bad flag is a usage error that says what was expected."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def integer(low: int):
+    """An int >= low."""
+    what = f"an integer >= {low}" + (" (a positive integer)" if low == 1 else "")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
+
+
+def number(low: float, strict: bool):
+    """A finite float > low (strict) or >= low."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
