@@ -32,3 +32,16 @@ def number(low: float, strict: bool):
             raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {low:g}, got {text}")
         return value
     return parse
+
+
+def class_chunks(text: str) -> int | str | None:
+    """``unroll.compile(classes_per_chunk=)``: a positive integer, 'none' (all classes in one pass) or 'auto'."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'none' or 'auto', got {text!r}")
+    return n

@@ -38,12 +38,12 @@ from torch.utils.data import Dataset, Subset
 
 from bench import models as bench_models
 from bench.cli import integer, number
+from bench.models import TIED  # models whose maps are heatmaps of the classifier
 from bench.train import TrainConfig, evaluate, predict, train
 
 __all__ = ["main", "build_parser", "plan", "DEFAULT_MODELS"]
 
 DEFAULT_MODELS = ("unrolled", "unet", "mt-unet", "ws-ae", "fcn")
-TIED = ("unrolled", "unrolled-eps", "ws-ae")  # models whose maps are heatmaps of the classifier
 N_FIGURE_SCENES = 6
 N_EVOLUTION_SCENES = 4
 

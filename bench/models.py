@@ -45,10 +45,11 @@ import zoo
 from zoo import SegOutput
 from zoo.backbones import classifier_head, run_stages
 
-__all__ = ["MODEL_NAMES", "SEG_MODELS", "build", "ClassifierModel", "UnrolledModel", "UNetModel", "WSAEModel"]
+__all__ = ["MODEL_NAMES", "SEG_MODELS", "TIED", "build", "ClassifierModel", "UnrolledModel", "UNetModel", "WSAEModel"]
 
 SEG_MODELS = ("unrolled", "unrolled-eps", "unet", "mt-unet", "ws-ae", "fcn")
 MODEL_NAMES = ("classifier", *SEG_MODELS)
+TIED = ("unrolled", "unrolled-eps", "ws-ae")  # decoders compiled by unroll: heatmap per logit, chunks, checkpoint
 PERTURBATIONS = ("none", "gaussian", "binary")  # model-pert training of the classifier stage
 
 
@@ -169,9 +170,11 @@ class UnrolledModel(_Tied):
     """``unroll.compile(classifier)``: logits and every class's heatmap (input x gradient, or LRP-epsilon)."""
 
     def __init__(self, classifier: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6,
-                 heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True):
+                 heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
+                 classes_per_chunk: int | str | None = "auto", checkpoint: bool = False):
         super().__init__()
-        self.net = unroll.compile(classifier, rule=rule, epsilon=epsilon, overrides=_overrides(bn_grad))
+        self.net = unroll.compile(classifier, rule=rule, epsilon=epsilon, overrides=_overrides(bn_grad),
+                                  classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
         self.scale = HeatmapScale(heatmap_scale, init_scale)
 
 
@@ -179,10 +182,11 @@ class WSAEModel(_Tied):
     """``zoo.WSAE``: the unrolled decoder with ReLUs on its own signal instead of the encoder's gates."""
 
     def __init__(self, classifier: nn.Module, heatmap_scale: float | str = 1.0, init_scale: float = 1.0,
-                 bn_grad: bool = True):
+                 bn_grad: bool = True, classes_per_chunk: int | str | None = "auto", checkpoint: bool = False):
         super().__init__()
         # zoo.WSAE's decoder (gates -> ReLU on the signal), compiled here so the BatchNorm rule can be chosen too.
-        self.net = unroll.compile(classifier, overrides=_overrides(bn_grad, gates=False))
+        self.net = unroll.compile(classifier, overrides=_overrides(bn_grad, gates=False),
+                                  classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
         self.scale = HeatmapScale(heatmap_scale, init_scale)
 
 
@@ -222,11 +226,13 @@ class UNetModel(nn.Module):
 
 def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float = 1e-6,
           heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
-          perturbation: str = "none", seed: int = 0) -> nn.Module:
+          perturbation: str = "none", seed: int = 0, classes_per_chunk: int | str | None = "auto",
+          checkpoint: bool = False) -> nn.Module:
     """The model called `name` (see MODEL_NAMES) on `classifier` (used as is: pass a copy to keep the original).
 
     The classifier's logits must have `num_classes` outputs (background included) for the tied models, whose maps
     are one per logit. Free decoders (unet, mt-unet, fcn) are initialised from torch's global RNG.
+    `classes_per_chunk` and `checkpoint` bound the tied decoder's memory (see ``unroll.compile``; same results).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")
@@ -234,17 +240,22 @@ def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float 
         return ClassifierModel(classifier, perturbation, seed)
     if perturbation != "none":
         raise ValueError(f"perturbation={perturbation!r} is for the classifier stage (model-pert), not {name!r}")
-    if name in ("unrolled", "unrolled-eps", "ws-ae"):
+    if name not in TIED and (classes_per_chunk != "auto" or checkpoint):
+        raise ValueError(f"classes_per_chunk / checkpoint bound the tied decoder's memory; {name!r} has none "
+                         f"(they apply to {', '.join(TIED)})")
+    memory = {"classes_per_chunk": classes_per_chunk, "checkpoint": checkpoint}
+    if name in TIED:
         k = _num_logits(classifier)
         if k is not None and k != num_classes:
             raise ValueError(f"{name} gives one heatmap per logit: the classifier has {k} outputs, "
                              f"the segmentation task {num_classes} classes")
     if name == "unrolled":
-        return UnrolledModel(classifier, "lrp0", heatmap_scale=heatmap_scale, init_scale=init_scale, bn_grad=bn_grad)
+        return UnrolledModel(classifier, "lrp0", heatmap_scale=heatmap_scale, init_scale=init_scale, bn_grad=bn_grad,
+                             **memory)
     if name == "unrolled-eps":
-        return UnrolledModel(classifier, "epsilon", epsilon, heatmap_scale, init_scale, bn_grad)
+        return UnrolledModel(classifier, "epsilon", epsilon, heatmap_scale, init_scale, bn_grad, **memory)
     if name == "ws-ae":
-        return WSAEModel(classifier, heatmap_scale=heatmap_scale, init_scale=init_scale, bn_grad=bn_grad)
+        return WSAEModel(classifier, heatmap_scale=heatmap_scale, init_scale=init_scale, bn_grad=bn_grad, **memory)
     return UNetModel(classifier, num_classes, name)
 
 

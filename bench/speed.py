@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torchvision
 
 import unroll
+from bench.cli import class_chunks
 
 HEATMAP_ROWS = ["forward", "forward_bk", "unroll", "unroll_one_pass", "autograd_loop", "autograd_batched", "captum", "zennit",
                 "unroll_eps"]
@@ -500,18 +501,6 @@ def scaling(args) -> dict:
     return out
 
 
-def _chunk(text: str) -> int | str | None:
-    if text in ("auto", "none"):
-        return None if text == "none" else text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, 'none' or 'auto', got {text!r}")
-    return n
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50", help="any torchvision classifier name unroll compiles")
@@ -524,7 +513,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rows", nargs="*", choices=HEATMAP_ROWS + TRAIN_ROWS, help="a subset of rows")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-row memory subprocesses")
-    p.add_argument("--chunk", type=_chunk, default="auto",
+    p.add_argument("--chunk", type=class_chunks, default="auto",
                    help="classes_per_chunk of the compiled module: a number, 'none' (all classes in one pass) or "
                         "'auto' (the default: all at once on CUDA, a few at a time on the CPU)")
     p.add_argument("--checkpoint", action="store_true", help="recompute the decoder in backward")

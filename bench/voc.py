@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.cli import integer, number
+from bench.cli import class_chunks, integer, number
 
 __all__ = ["main", "build_parser", "MODELS"]
 
@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="factor on the tied models' heatmaps before the CE (1 = the paper), or 'learn'")
     g.add_argument("--init-scale", type=number(0.0, True), default=1.0, help="initial value of a learnt scale")
     g.add_argument("--epsilon", type=number(0.0, True), default=1e-2, help="LRP-epsilon's epsilon (unrolled-eps)")
+    g.add_argument("--classes-per-chunk", type=class_chunks, default="auto",
+                   help="tied models: decode N of the 21 classes at a time (N, 'none' = one pass, 'auto' = one pass "
+                        "on CUDA); same numbers, less memory: see the README's memory table")
+    g.add_argument("--decoder-checkpoint", action="store_true",
+                   help="tied models: recompute the decoder in backward instead of storing it (same numbers)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=integer(1), default=None, help="segmentation steps (default 10000)")
     g.add_argument("--epochs", type=number(0.0, True), default=None,
@@ -143,6 +148,9 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--weights takes imagenet, none or an existing file; got {args.weights!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available here (use --device cpu or auto)")
+    if args.model not in TIED and (args.classes_per_chunk != "auto" or args.decoder_checkpoint):
+        raise ValueError(f"--classes-per-chunk / --decoder-checkpoint apply to the tied models ({', '.join(TIED)}); "
+                         f"--model {args.model} has a free decoder")
 
 
 # -------------------------------------------------------------------------------------------------- distributed
@@ -453,7 +461,8 @@ def _run(args, parser, rank, world, device, console) -> int:
             clf, clf_info = get_classifier(args, data, device, rank, world, run_kw, console)
             torch.manual_seed(_stable_seed(args.seed, args.labels, args.model, "init"))
             model = bench_models.build(args.model, clf, NUM_CLASSES, epsilon=args.epsilon,
-                                       heatmap_scale=args.heatmap_scale, init_scale=args.init_scale)
+                                       heatmap_scale=args.heatmap_scale, init_scale=args.init_scale,
+                                       classes_per_chunk=args.classes_per_chunk, checkpoint=args.decoder_checkpoint)
         except Exception as err:  # unknown backbone, a model the compiler rejects, a bad checkpoint
             import unroll
 

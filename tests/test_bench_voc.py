@@ -75,6 +75,24 @@ def test_resume_matches_uninterrupted(voc_root, clf_dir, tmp_path):
     assert (ref / "history.jsonl").read_text() == (split / "history.jsonl").read_text()
 
 
+def test_decoder_memory_flags_give_the_same_run(voc_root, clf_dir, tmp_path):
+    """--classes-per-chunk / --decoder-checkpoint only trade memory for time: the same losses and metrics."""
+    runs = {"one pass": ["--classes-per-chunk", "none"],
+            "chunks + checkpoint": ["--classes-per-chunk", "4", "--decoder-checkpoint"]}
+    out = {}
+    for name, extra in runs.items():
+        d = tmp_path / name.replace(" ", "")
+        assert cli.main(flags(voc_root, d, clf_dir, "unrolled", "--no-figures", "--steps", "3", *extra)) == 0
+        out[name] = (json.loads((d / "metrics.json").read_text()),
+                     [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()])
+    (a, ha), (b, hb) = out.values()
+    assert b["config"]["classes_per_chunk"] == 4 and b["config"]["decoder_checkpoint"] is True
+    for ra, rb in zip(ha, hb, strict=True):
+        for key in ("loss", "seg", "cls"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    assert b["miou"] == pytest.approx(a["miou"], abs=1e-6)
+
+
 def test_model_pert_classifier_stage(voc_root, clf_dir, tmp_path):
     """--pretrain-perturb trains the classifier stage on noisy inputs; the choice is part of the cache spec (a clean
     cached classifier is never taken for a perturbed one) and the cached file stays a plain classifier state dict."""
@@ -104,6 +122,9 @@ def test_missing_data_exits_2(tmp_path, capsys):
     (["--pixel-fraction", "1"], "strictly between 0 and 1"),
     (["--weights", "/no/such/file.pt"], "--weights takes"),
     (["--heatmap-scale", "hot"], "positive number or 'learn'"),
+    (["--classes-per-chunk", "0"], "positive integer, 'none' or 'auto'"),
+    (["--model", "unet", "--decoder-checkpoint"], "apply to the tied models"),
+    (["--model", "fcn", "--classes-per-chunk", "3"], "apply to the tied models"),
 ])
 def test_bad_flags_are_usage_errors(bad, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
