@@ -348,7 +348,7 @@ class _Progress:
         self.last = time.perf_counter()  # evaluation and checkpoint time do not count as training
         if not self.show and self.console is not None:
             self.console.log(f"{self.name} step {row['step']}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+                f"{k} {v:.3g}" if k == "lr" else f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
 
 
 # ---------------------------------------------------------------------------------------------------------- figures
