@@ -81,6 +81,26 @@ def run_dir(out: Path, backbone: str, model: str, labels: int, seed: int) -> Pat
     return out / backbone / model / f"N{labels}" / f"seed{seed}"
 
 
+def _for_model(extra: list[str], model: str) -> list[str]:
+    """The extra flags one run gets: the tied decoder's memory flags are dropped for free-decoder models (bench.voc
+    refuses them there), so one `-- --decoder-checkpoint` serves the whole grid."""
+    from bench.voc import TIED
+
+    if model in TIED:
+        return extra
+    kept, skip = [], False
+    for e in extra:
+        if skip:
+            skip = False
+        elif e == "--decoder-checkpoint":
+            pass
+        elif e == "--classes-per-chunk":
+            skip = True  # and its value
+        elif not e.startswith("--classes-per-chunk="):
+            kept.append(e)
+    return kept
+
+
 def plan(args: argparse.Namespace) -> list[dict]:
     """Every run: its folder and its command line. The order keeps a backbone's classifier reused seed by seed."""
     out = Path(args.out)
@@ -96,7 +116,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
                     cmd = [*launcher, "--root", str(args.root), "--model", model, "--backbone", backbone,
                            "--labels", str(labels), "--seed", str(seed), "--out", str(d),
                            "--classifier-dir", str(out / "classifiers" / backbone / f"seed{seed}"), "--resume",
-                           "--no-progress", *extra]
+                           "--no-progress", *_for_model(extra, model)]
                     runs.append({"backbone": backbone, "model": model, "labels": labels, "seed": seed, "dir": d,
                                  "cmd": cmd})
     return runs

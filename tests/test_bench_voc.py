@@ -198,6 +198,10 @@ def test_voc_table_dry_run_and_tables(tmp_path, capsys):
     assert voc_table.main([*args, "--dry-run", "--", "--amp"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 8 and all("-m bench.voc" in l and l.endswith("--amp") for l in lines)
+    assert voc_table.main([*args, "--dry-run", "--", "--classes-per-chunk", "3", "--decoder-checkpoint"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()  # the memory flags reach the tied runs only
+    assert [l.endswith("--classes-per-chunk 3 --decoder-checkpoint") for l in lines] == [
+        "--model unrolled" in l for l in lines] and sum("--model unrolled" in l for l in lines) == 4
     for seed, miou in ((0, 0.5), (1, 0.7)):
         d = voc_table.run_dir(tmp_path, "resnet18", "unrolled", 20, seed)
         d.mkdir(parents=True)
