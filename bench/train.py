@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ __all__ = [
     "TrainResult",
     "BatchStream",
     "collate",
+    "size_batches",
+    "same_size_groups",
     "configure_optimizer",
     "get_lr",
     "compute_loss",
@@ -122,7 +124,8 @@ def _seed_from(*parts: int) -> int:
 
 
 def collate(items: Sequence[dict]) -> dict[str, Tensor]:
-    """Stack image / mask / labels; items of different sizes are padded bottom-right (image 0, mask 255)."""
+    """Stack image / mask / labels; items of different sizes are padded bottom-right (image 0, mask 255) and
+    ``size`` keeps each item's own (h, w), so evaluation can run every image at its size (see `evaluate`)."""
     h = max(it["image"].shape[-2] for it in items)
     w = max(it["image"].shape[-1] for it in items)
 
@@ -133,6 +136,7 @@ def collate(items: Sequence[dict]) -> dict[str, Tensor]:
         "image": torch.stack([pad(it["image"], 0.0) for it in items]),
         "mask": torch.stack([pad(torch.as_tensor(it["mask"]).long(), IGNORE) for it in items]),
         "labels": torch.stack([torch.as_tensor(it["labels"]).float() for it in items]),
+        "size": torch.tensor([tuple(it["image"].shape[-2:]) for it in items]),
     }
 
 
@@ -295,6 +299,36 @@ def _classifier_logits(model: nn.Module, x: Tensor, out) -> Tensor | None:
 
 
 @torch.no_grad()
+def size_batches(dataset: Dataset, batch_size: int) -> list[list[int]] | None:
+    """Evaluation batches of equal-size items, when the dataset can tell its item sizes cheaply (``sizes()``, e.g.
+    VOC val read from the JPEG headers): full images then run batched without padding. None: plain batches."""
+    sizes = dataset.sizes() if hasattr(dataset, "sizes") else None
+    if sizes is None:
+        return None
+    batches: list[list[int]] = []
+    for i in sorted(range(len(sizes)), key=lambda i: (tuple(sizes[i]), i)):
+        if batches and len(batches[-1]) < batch_size and tuple(sizes[batches[-1][0]]) == tuple(sizes[i]):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def same_size_groups(batch: dict) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(image, mask, labels) of the rows of a padded batch that share a size, cropped to it. A full-image prediction
+    must not depend on which images share its batch: padding would enter the global average pool (the logits) and
+    the gates near the border (the maps)."""
+    sizes = batch.get("size")
+    x = batch["image"]
+    if sizes is None or bool((sizes == torch.tensor(x.shape[-2:], device=sizes.device)).all()):
+        yield x, batch["mask"], batch["labels"]
+        return
+    for hw in torch.unique(sizes, dim=0).tolist():
+        rows = (sizes == torch.tensor(hw, device=sizes.device)).all(1).nonzero().squeeze(1)
+        h, w = hw
+        yield x[rows, :, :h, :w], batch["mask"][rows, :h, :w], batch["labels"][rows]
+
+
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 64,
              collate_fn: Callable = collate, background: int = 0, classify: bool = True,
              device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None,
@@ -316,21 +350,23 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     has_seg = has_cls = False
     try:
         # generator=: a DataLoader otherwise draws its base seed from the global RNG (and resume would drift)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                            generator=torch.Generator(), num_workers=num_workers,
-                            pin_memory=device is not None and torch.device(device).type == "cuda")
+        batches = size_batches(dataset, batch_size)
+        loader = DataLoader(dataset, collate_fn=collate_fn, generator=torch.Generator(), num_workers=num_workers,
+                            pin_memory=device is not None and torch.device(device).type == "cuda",
+                            **({"batch_size": batch_size, "shuffle": False} if batches is None
+                               else {"batch_sampler": batches}))
         for batch in loader:
             batch = _to_device(batch, device, channels_last)
-            x = batch["image"]
-            with _autocast(device, amp_dtype):
-                out = model(x)
-                logits = _classifier_logits(model, x, out) if classify else out.logits
-            if out.seg is not None:
-                iou.update(out.seg.argmax(1), batch["mask"])
-                has_seg = True
-            if logits is not None:
-                f1.update(logits.float(), batch["labels"])
-                has_cls = True
+            for x, mask, labels in same_size_groups(batch):
+                with _autocast(device, amp_dtype):
+                    out = model(x)
+                    logits = _classifier_logits(model, x, out) if classify else out.logits
+                if out.seg is not None:
+                    iou.update(out.seg.argmax(1), mask)
+                    has_seg = True
+                if logits is not None:
+                    f1.update(logits.float(), labels)
+                    has_cls = True
     finally:
         model.train(was_training)
     result: dict[str, Any] = {"miou": None, "per_class": None, "f1": None}

@@ -363,8 +363,8 @@ def _denorm(images: torch.Tensor) -> torch.Tensor:
 
 
 def predictions_figure(path, images, masks, pred, maps, title: str, max_classes: int = 3) -> Path:
-    """Rows = images; columns: image, ground truth, prediction, then the maps of the classes present in the ground
-    truth (up to max_classes; red +, blue -)."""
+    """Rows = images (sequences of per-image tensors, sizes may differ); columns: image, ground truth, prediction,
+    then the maps of the classes present in the ground truth (up to max_classes; red +, blue -)."""
     from bench import figures
     from bench.data.voc import CLASSES, IGNORE, voc_palette
 
@@ -378,13 +378,12 @@ def predictions_figure(path, images, masks, pred, maps, title: str, max_classes:
         valid = m != IGNORE
         axes[i, 0].imshow(figures._image(images[i]))
         axes[i, 1].imshow(figures.colorize(m, palette))
-        p = pred[i].cpu().numpy().copy()
-        axes[i, 2].imshow(figures.colorize(np.where(valid | (m == IGNORE), p, p), palette))
+        axes[i, 2].imshow(figures.colorize(pred[i].cpu().numpy(), palette))
         present = [c for c in np.unique(m[valid]).tolist() if 0 < c < len(CLASSES)][:max_classes]
         for j in range(max_classes):
             ax = axes[i, 3 + j]
             if j < len(present):
-                h = maps[i, present[j]].float().cpu().numpy()
+                h = maps[i][present[j]].float().cpu().numpy()
                 lim = float(np.abs(h).max()) or 1.0
                 ax.imshow(h, cmap="bwr", vmin=-lim, vmax=lim)
                 ax.set_title(CLASSES[present[j]], fontsize=7)
@@ -396,15 +395,14 @@ def predictions_figure(path, images, masks, pred, maps, title: str, max_classes:
     return figures._save(fig, path)
 
 
-def _figure_batch(dataset, n: int, size: int | None = None):
-    from bench.train import collate
-
+def _figure_batch(dataset, n: int, size: int):
+    """The first n items, each resized to size x size on its own (no padding), stacked."""
     items = [dataset[i] for i in range(min(n, len(dataset)))]
-    batch = collate(items)
-    if size is not None:
-        batch["image"] = F.interpolate(batch["image"], size=(size, size), mode="bilinear", align_corners=False)
-        batch["mask"] = F.interpolate(batch["mask"][:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-    return batch
+    image = torch.cat([F.interpolate(it["image"][None], size=(size, size), mode="bilinear", align_corners=False)
+                       for it in items])
+    mask = torch.cat([F.interpolate(it["mask"][None, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+                      for it in items])
+    return {"image": image, "mask": mask}
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -545,12 +543,16 @@ def _run(args, parser, rank, world, device, console) -> int:
         (out / "metrics.json").write_text(json.dumps(summary, indent=1))
         if not args.no_figures:
             try:
-                fig = _figure_batch(data["val"], N_FIGURE)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    p = predict(model, fig["image"].to(device))
-                predictions_figure(out / "predictions.png", _denorm(fig["image"]), fig["mask"], p["pred"].cpu(),
-                                   p["seg"].float().cpu(), f"{args.model} ({args.backbone}), N={args.labels}, "
-                                   f"VOC val")
+                # one image at a time, at its own size: no padding in the picture or in the prediction
+                items = [data["val"][i] for i in range(min(N_FIGURE, len(data["val"])))]
+                preds = []
+                for it in items:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        preds.append(predict(model, it["image"][None].to(device)))
+                predictions_figure(out / "predictions.png", [_denorm(it["image"][None])[0] for it in items],
+                                   [it["mask"] for it in items], [p["pred"][0].cpu() for p in preds],
+                                   [p["seg"][0].float().cpu() for p in preds],
+                                   f"{args.model} ({args.backbone}), N={args.labels}, VOC val")
                 if evo is not None and result.snapshots:
                     from bench import figures
 

@@ -107,6 +107,28 @@ def test_amp_bf16_on_cpu_runs_and_agrees(voc_root, clf_dir, tmp_path):
         assert first["bf16"][key] == pytest.approx(first["fp32"][key], rel=2e-2), key
 
 
+def test_full_image_evaluation_does_not_depend_on_batching(voc_root):
+    """Every val image is predicted at its own size whatever the eval batch: equal-size batches when the dataset
+    knows its sizes, same-size groups of a padded batch otherwise. Padding would change the result (checked)."""
+    from torch.utils.data import Subset
+
+    from bench import models as bench_models
+    from bench.data.voc import VOCPixelSet
+    from bench.train import collate, evaluate
+
+    ds = VOCPixelSet(voc_root, image_set="train", train=False)  # 6 full images, 3 sizes
+    assert len(set(ds.sizes())) == 3 and ds.sizes()[0] == tuple(ds[0]["image"].shape[-2:])
+    torch.manual_seed(0)
+    model = bench_models.build("unrolled", zoo.classifier("small_vgg", 21), 21)
+    ref = evaluate(model, ds, 21, batch_size=1)
+    for bs in (2, 6):
+        assert evaluate(model, ds, 21, bs) == ref
+        assert evaluate(model, Subset(ds, range(6)), 21, bs) == ref  # no sizes(): groups inside padded batches
+    padded = evaluate(model, Subset(ds, range(6)), 21, 6,
+                      collate_fn=lambda items: {k: v for k, v in collate(items).items() if k != "size"})
+    assert padded["miou"] != ref["miou"]  # what padding would have done: the test can fail
+
+
 def test_model_pert_classifier_stage(voc_root, clf_dir, tmp_path):
     """--pretrain-perturb trains the classifier stage on noisy inputs; the choice is part of the cache spec (a clean
     cached classifier is never taken for a perturbed one) and the cached file stays a plain classifier state dict."""

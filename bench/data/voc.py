@@ -342,6 +342,17 @@ class VOCPixelSet(Dataset):
     def __len__(self):
         return len(self.ids)
 
+    def sizes(self) -> list[tuple[int, int]] | None:
+        """(h, w) of every item as __getitem__ returns it, from the JPEG headers (no decoding); None when training
+        (random crops). Lets evaluation batch equal-size full images (bench.train.size_batches)."""
+        if self.train:
+            return None
+        out = []
+        for image_path, _ in self.files:
+            with Image.open(image_path) as im:
+                out.append((im.height, im.width))
+        return out
+
     def __getitem__(self, index):
         image_path, mask_path = self.files[index]
         image, mask = self.transform(_load_image(image_path), _load_mask(mask_path))
