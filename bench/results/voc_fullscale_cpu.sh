@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/../.."
 export PYTHONWARNINGS=ignore
-rm -rf /tmp/fullvoc
+rm -rf /tmp/fullvoc; mkdir -p runs/voc-fullscale-cpu
 python - <<'PY'
 import bench.data.fake_voc as f
 f.SIZES = ((375, 500), (500, 333), (333, 500))   # VOC's common sizes
