@@ -236,13 +236,13 @@ def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float 
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")
+    if name not in TIED and (classes_per_chunk != "auto" or checkpoint):
+        raise ValueError(f"classes_per_chunk / checkpoint bound the tied decoder's memory; {name!r} has none "
+                         f"(they apply to {', '.join(TIED)})")
     if name == "classifier":
         return ClassifierModel(classifier, perturbation, seed)
     if perturbation != "none":
         raise ValueError(f"perturbation={perturbation!r} is for the classifier stage (model-pert), not {name!r}")
-    if name not in TIED and (classes_per_chunk != "auto" or checkpoint):
-        raise ValueError(f"classes_per_chunk / checkpoint bound the tied decoder's memory; {name!r} has none "
-                         f"(they apply to {', '.join(TIED)})")
     memory = {"classes_per_chunk": classes_per_chunk, "checkpoint": checkpoint}
     if name in TIED:
         k = _num_logits(classifier)

@@ -298,7 +298,6 @@ def _classifier_logits(model: nn.Module, x: Tensor, out) -> Tensor | None:
     return clf(x) if clf is not None else None
 
 
-@torch.no_grad()
 def size_batches(dataset: Dataset, batch_size: int) -> list[list[int]] | None:
     """Evaluation batches of equal-size items, when the dataset can tell its item sizes cheaply (``sizes()``, e.g.
     VOC val read from the JPEG headers): full images then run batched without padding. None: plain batches."""
@@ -329,6 +328,7 @@ def same_size_groups(batch: dict) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         yield x[rows, :, :h, :w], batch["mask"][rows, :h, :w], batch["labels"][rows]
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 64,
              collate_fn: Callable = collate, background: int = 0, classify: bool = True,
              device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None,

@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.cli import class_chunks, integer, number
+from bench.models import SEG_MODELS, TIED
 
 __all__ = ["main", "build_parser", "MODELS"]
 
-MODELS = ("unrolled", "unrolled-eps", "unet", "mt-unet", "ws-ae", "fcn")
-TIED = ("unrolled", "unrolled-eps", "ws-ae")
+MODELS = SEG_MODELS
 N_FIGURE = 4
 N_EVOLUTION = 3
 EVOLUTION_SIZE = 128  # evolution snapshots: images resized to this, heatmaps stored at half of it (fp16)
@@ -65,6 +65,7 @@ def _scale(text: str) -> float | str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # bench.voc_table routes flags by their full names
         prog="python -m bench.voc",
         description="PASCAL VOC 2012 semi-supervised segmentation (the paper's Table 1 protocol), one run. "
                     "Writes OUT/metrics.json, OUT/history.jsonl and figures.",

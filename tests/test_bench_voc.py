@@ -124,6 +124,10 @@ def test_full_image_evaluation_does_not_depend_on_batching(voc_root):
     for bs in (2, 6):
         assert evaluate(model, ds, 21, bs) == ref
         assert evaluate(model, Subset(ds, range(6)), 21, bs) == ref  # no sizes(): groups inside padded batches
+    grad_modes = []
+    model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    evaluate(model, ds, 21, 2)
+    assert grad_modes and not any(grad_modes)  # no autograd graph of full images in evaluation
     padded = evaluate(model, Subset(ds, range(6)), 21, 6,
                       collate_fn=lambda items: {k: v for k, v in collate(items).items() if k != "size"})
     assert padded["miou"] != ref["miou"]  # what padding would have done: the test can fail
