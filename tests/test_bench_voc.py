@@ -63,7 +63,8 @@ def test_every_model_trains_and_writes_metrics(model, voc_root, clf_dir, tmp_pat
 def test_resume_matches_uninterrupted(voc_root, clf_dir, tmp_path):
     ref, split = tmp_path / "ref", tmp_path / "split"
     extra = ["--steps", "3", "--select-on", "2", "--no-figures"]
-    assert cli.main(flags(voc_root, ref, clf_dir, "unrolled", *extra)) == 0
+    # the reference loads its batches in 2 worker processes: the same batches as in-process loading
+    assert cli.main(flags(voc_root, ref, clf_dir, "unrolled", *extra, "--workers", "2")) == 0
     assert cli.main(flags(voc_root, split, clf_dir, "unrolled", *extra, "--stop-after", "1")) == 0
     assert (split / "ckpt.pt").is_file() and not (split / "metrics.json").exists()
     assert cli.main(flags(voc_root, split, clf_dir, "unrolled", *extra, "--resume")) == 0
