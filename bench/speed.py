@@ -272,7 +272,8 @@ def check_agreement(s: Setup, rows: list[str]) -> dict[str, float]:
             assert errors["zennit"] < tol, f"zennit differs from unroll(rule='epsilon') by {errors['zennit']:.2e}"
     if any(r.startswith("train") for r in rows):
         # On the first two images only: double backprop keeps K backward graphs of the whole batch alive, which at
-        # the paper's scale (resnet50, batch 10, 256 px, K=21) passed 21 GiB on a 24 GB machine -- the reference must not be what fails.
+        # the paper's scale (resnet50, batch 10, 256 px, K=21) passed 21 GiB on a 24 GB machine -- the reference
+        # must not be what fails.
         params = [p for p in s.model.parameters()]
         with s.first_rows(2):
             s.train_unroll()
