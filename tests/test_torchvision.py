@@ -68,7 +68,8 @@ def test_census_covers_torchvision():
     assert "resnet50" in names and "vgg16_bn" in names
     unknown = sorted(n for n in names if family(n) is None)
     if unknown:
-        pytest.skip(f"torchvision {torchvision.__version__} lists classifiers this census has not classified: {unknown}")
+        pytest.skip(f"torchvision {torchvision.__version__} lists classifiers this census has not classified: "
+                    f"{unknown}")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow])
