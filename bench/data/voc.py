@@ -32,8 +32,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import VOCDetection, VOCSegmentation
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from unroll.segmentation import sampling
+from unroll.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomScale, make_transform  # noqa: F401
 
 CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -42,13 +44,10 @@ CLASSES = (
 NUM_CLASSES = len(CLASSES)  # 21: background + 20 object classes
 IGNORE = 255  # VOC's "void" label: object outlines and ambiguous regions; also our "no pixel label"
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Padding colour for crops of uint8 images: the mean, so that it normalises to ~0.
+# Padding colour for crops of uint8 images: the mean, so that it normalises to ~0 (make_transform's fill).
 MEAN_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
-# At or below this many labelled images the sampler balances classes; above it follows the data (see sample_labelled).
-BALANCED_MAX = 100
+BALANCED_MAX = sampling.BALANCED_MAX  # at or below: class-balanced pick; above: follows the data
 CACHE_NAME = "unroll_image_labels.json"
 _CACHE_FORMAT = "unroll-voc12-image-labels/1"
 
@@ -189,57 +188,13 @@ def read_labels_tsv(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------------------------------------- sampler
 def sample_labelled(ids: Sequence[str], labels: Mapping[str, np.ndarray], n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct ids out of ``ids`` to receive pixel labels, a deterministic function of (ids set, labels, seed).
+    """``n`` distinct ids out of ``ids`` to receive pixel labels: :func:`unroll.segmentation.sampling.sample_labelled`
+    balancing the 20 object classes (background left out).
 
-    The picked images' class counts follow a target distribution over the 20 object classes:
-
-    * ``n <= BALANCED_MAX`` (100): uniform — as balanced as possible; the first 20 picks cover every class that
-      occurs at all, then it goes round-robin;
-    * larger ``n``: the average of uniform and the class distribution of ``ids`` (rare classes lifted, common ones
-      still dominant);
-    * ``n == len(ids)``: all of them.
-
-    Each pick takes the class furthest behind its target (picked / target; ties: the rarer class in ``ids``) and a
-    random unpicked image containing it, preferring images whose other classes are not "full": for n <= 100 none of
-    them already ahead of that class (strict balance), above that none of them past its final quota (target x n x mean
-    classes per image), which keeps the share of multi-object images near that of ``ids``. Without the preference,
-    classes that co-occur with everything (person: in 30% of the train images) pile up above even their share in
-    ``ids``. Measured on the official train list: n=20 covers all 20 classes (1-2 images each), n=100 gives 6-7 per
-    class, n=500 matches the target shares within 0.01 (L1). Returns the ids sorted; background is ignored.
+    Measured on the official train list: n=20 covers all 20 classes (1-2 images each), n=100 gives 6-7 per class,
+    n=500 matches the target shares within 0.01 (L1). Returns the ids sorted.
     """
-    pool = sorted(set(ids))
-    if not 0 <= n <= len(pool):
-        raise ValueError(f"n={n} must lie in [0, {len(pool)}] (the number of candidate ids)")
-    if n == len(pool):
-        return pool
-    has = np.stack([np.asarray(labels[i]).astype(bool)[1:] for i in pool])  # [N, 20] object classes
-    rng = np.random.default_rng(seed)
-    freq = has.sum(0)  # images per class in the pool
-    uniform = np.full(has.shape[1], 1 / has.shape[1])
-    target = uniform if n <= BALANCED_MAX else 0.5 * uniform + 0.5 * freq / max(freq.sum(), 1)
-    quota = target * n * has.sum(1).mean()  # expected final image count per class
-    free = np.ones(len(pool), bool)
-    picked_count = np.zeros(has.shape[1])  # picked images per class
-
-    for _ in range(n):
-        available = (has & free[:, None]).any(0)  # classes with an unpicked image left
-        if not available.any():  # only images without objects remain (none in VOC): take any
-            i = rng.choice(np.flatnonzero(free))
-        else:
-            behind = picked_count / target  # how far each class is along its quota (smaller = further behind)
-            order = np.lexsort((freq, behind))
-            c = next(k for k in order if available[k])
-            candidates = np.flatnonzero(has[:, c] & free)
-            if n <= BALANCED_MAX:
-                full = behind > behind[c]  # strict: any class already ahead of c
-            else:
-                full = picked_count + 1 > quota  # loose: classes that would pass their final quota
-            full[c] = False
-            over = (has[candidates] & full).sum(1)
-            i = rng.choice(candidates[over == over.min()])
-        free[i] = False
-        picked_count += has[i]
-    return [pool[i] for i in np.flatnonzero(~free)]
+    return sampling.sample_labelled(ids, labels, n, seed, exclude=(0,), balanced_max=BALANCED_MAX)
 
 
 # ------------------------------------------------------------------------------------------------------ transforms
@@ -273,39 +228,6 @@ def decode_mask(png: Image.Image) -> np.ndarray:
     for value, k in lut.items():
         out[code == value] = k
     return out
-
-
-class RandomScale(v2.Transform):
-    """Resize by one random factor in ``scale`` (bilinear for images, nearest for masks: labels are never blended)."""
-
-    def __init__(self, scale: tuple[float, float] = (0.5, 2.0)):
-        super().__init__()
-        self.scale = scale
-
-    def make_params(self, flat_inputs):
-        h, w = v2.query_size(flat_inputs)
-        s = float(torch.empty(()).uniform_(*self.scale))
-        return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
-
-    def transform(self, inpt, params):
-        return F.resize(inpt, params["size"], antialias=True)
-
-
-def make_transform(train: bool, image_size: int | tuple[int, int] = 320, scale=(0.5, 2.0)) -> v2.Compose:
-    """Joint image/mask transform. Train: random scale, crop to ``image_size`` (pad image with the mean, mask with
-    255), horizontal flip. Eval: nothing geometric — full images. Both end ImageNet-normalised."""
-    geometric = []
-    if train:
-        geometric = [
-            RandomScale(scale),
-            v2.RandomCrop(image_size, pad_if_needed=True, fill={tv_tensors.Image: MEAN_UINT8, tv_tensors.Mask: IGNORE}),
-            v2.RandomHorizontalFlip(),
-        ]
-    return v2.Compose([
-        *geometric,
-        v2.ToDtype(torch.float32, scale=True),  # images only; masks keep their integer labels
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
 
 
 def _load_image(path: str | os.PathLike) -> tv_tensors.Image:
