@@ -18,6 +18,7 @@ Image-level-only items carry an all-255 mask, so one loss with ``ignore_index=25
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -49,7 +50,7 @@ MEAN_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 BALANCED_MAX = sampling.BALANCED_MAX  # at or below: class-balanced pick; above: follows the data
 CACHE_NAME = "unroll_image_labels.json"
-_CACHE_FORMAT = "unroll-voc12-image-labels/1"
+_CACHE_FORMAT = "unroll-voc12-image-labels/2"  # /2: entries keyed by the XML's sha1
 
 
 class VOCMissingError(FileNotFoundError):
@@ -116,14 +117,18 @@ def multi_hot(class_indices: Iterable[int]) -> np.ndarray:
 
 
 def parse_xml_labels(xml_path: str | os.PathLike) -> np.ndarray:
-    """Image-level multi-hot from one VOC annotation file.
+    """Image-level multi-hot from one VOC annotation file (ValueError naming the file when it is malformed).
 
     Every object counts, ``difficult`` and ``truncated`` ones included: they are in the image (and in the
     segmentation masks), and this is how the usual WSSS label files (e.g. IRN's cls_labels) are made.
     """
     index = {name: k for k, name in enumerate(CLASSES)}
     present = []
-    for obj in ElementTree.parse(xml_path).getroot().iter("object"):
+    try:
+        root = ElementTree.parse(xml_path).getroot()
+    except ElementTree.ParseError as err:
+        raise ValueError(f"{xml_path}: malformed XML ({err})") from None
+    for obj in root.iter("object"):
         name = obj.findtext("name", "").strip()
         if name not in index or name == "background":
             raise ValueError(f"{xml_path}: unknown VOC class {name!r}")
@@ -131,37 +136,77 @@ def parse_xml_labels(xml_path: str | os.PathLike) -> np.ndarray:
     return multi_hot(present)
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
 def image_labels(
     voc_dir: str | os.PathLike,
     ids: Sequence[str] | None = None,
     cache: str | os.PathLike | bool | None = True,
+    problems: list | None = None,
 ) -> dict[str, np.ndarray]:
     """{image_id: uint8 [21] multi-hot} read from Annotations/*.xml, cached as JSON.
 
     ``ids``: which images (default: every fully annotated image, seg val included — callers pick splits).
     ``cache``: True puts ``unroll_image_labels.json`` beside the data (skipped with a warning when that folder is
-    read-only), a path puts it there, False/None turns caching off. A cache is reused when it holds every requested id.
+    read-only), a path puts it there, False/None turns caching off. Each cached entry is keyed by the SHA-1 of its
+    XML file: an edited (or replaced) XML is parsed again, whatever its time stamp says.
+    ``problems``: a list to append a :class:`unroll.segmentation.validate.Problem` to per bad XML (missing,
+    malformed, unknown class; the id is left out of the result); without it every bad XML is collected and one
+    :class:`~unroll.segmentation.validate.DataError` lists them all.
     """
+    from unroll.segmentation.validate import DataError, Problem
+
     voc_dir = Path(voc_dir)
     ids = list(ids) if ids is not None else _annotated_ids(voc_dir)
     cache_path = voc_dir / CACHE_NAME if cache is True else (Path(cache) if cache else None)
 
+    stored: dict = {"labels": {}, "sha1": {}}
     if cache_path is not None and cache_path.is_file():
-        stored = json.loads(cache_path.read_text())
-        if stored.get("format") == _CACHE_FORMAT and all(i in stored["labels"] for i in ids):
-            return {i: multi_hot(stored["labels"][i]) for i in ids}
-
-    labels = {i: parse_xml_labels(voc_dir / "Annotations" / f"{i}.xml") for i in ids}
-    if cache_path is not None:
+        try:
+            raw = json.loads(cache_path.read_text())
+        except json.JSONDecodeError:
+            raw = {}
+        if raw.get("format") == _CACHE_FORMAT:
+            stored = raw
+    found: list = []
+    labels: dict[str, np.ndarray] = {}
+    changed = False
+    for i in ids:
+        path = voc_dir / "Annotations" / f"{i}.xml"
+        try:
+            digest = _digest(path)
+        except OSError:
+            found.append(Problem(str(path), "missing (no annotation for an image the run uses)", i, "image-level"))
+            continue
+        if stored["sha1"].get(i) == digest and i in stored["labels"]:
+            labels[i] = multi_hot(stored["labels"][i])
+            continue
+        try:
+            labels[i] = parse_xml_labels(path)
+        except ValueError as err:
+            found.append(Problem(str(path), str(err).removeprefix(f"{path}: "), i, "image-level"))
+            continue
+        stored["labels"][i] = np.flatnonzero(labels[i]).tolist()
+        stored["sha1"][i] = digest
+        changed = True
+    if found and problems is None:
+        raise DataError(found)
+    if problems is not None:
+        problems.extend(found)
+    if cache_path is not None and changed:
         payload = {
             "format": _CACHE_FORMAT,
             "classes": list(CLASSES),
-            "note": "class indices present per image, from the VOC XML objects (difficult included)",
-            "labels": {i: np.flatnonzero(v).tolist() for i, v in labels.items()},
+            "note": "class indices present per image, from the VOC XML objects (difficult included); sha1 of each "
+                    "XML file, so an edited one is read again",
+            "labels": stored["labels"],
+            "sha1": stored["sha1"],
         }
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_suffix(".tmp")
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(payload))
             tmp.replace(cache_path)  # atomic: concurrent runs never read half a file
         except OSError as err:
@@ -329,3 +374,30 @@ def pad_collate(batch: list[dict]) -> dict:
         "has_mask": torch.tensor([bool(item["has_mask"]) for item in batch]),
         "id": [item["id"] for item in batch],
     }
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+def file_items(voc_dir: str | os.PathLike, groups: Mapping[str, tuple[Sequence[str], bool]]) -> list:
+    """The files a run reads, as :class:`unroll.segmentation.validate.Item` (one per id): ``groups`` maps a role
+    ("val", "labelled", ...) to (ids, whether their masks are read). An id in several roles is one item with its
+    roles joined and its mask read if any role reads it."""
+    from unroll.segmentation.validate import Item
+
+    voc_dir = Path(voc_dir)
+    roles: dict[str, list[str]] = {}
+    masked: set[str] = set()
+    for role, (ids, with_mask) in groups.items():
+        for i in ids:
+            roles.setdefault(i, []).append(role)
+            if with_mask:
+                masked.add(i)
+    return [Item(i, voc_dir / "JPEGImages" / f"{i}.jpg",
+                 voc_dir / "SegmentationClass" / f"{i}.png" if i in masked else None, "+".join(r))
+            for i, r in roles.items()]
+
+
+def read_mask_file(path: str | os.PathLike) -> np.ndarray:
+    """A SegmentationClass PNG's class indices (decode_mask), fully decoded (truncated files raise OSError)."""
+    from unroll.segmentation.validate import open_image
+
+    return decode_mask(open_image(path))
