@@ -51,8 +51,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .metrics import MultilabelF1, SegmentationIoU
-
 __all__ = [
     "IGNORE",
     "TrainConfig",
@@ -339,6 +337,8 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
 
     device / amp_dtype / channels_last / num_workers: where batches go (the model must be there already), autocast
     dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32)."""
+    from .metrics import MultilabelF1, SegmentationIoU  # torchmetrics (an extra): needed here only
+
     was_training = model.training
     model.eval()
     # sync_on_compute=False: one process evaluates the whole set (under torch.distributed, rank 0 alone); without a
