@@ -51,8 +51,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .metrics import MultilabelF1, SegmentationIoU
-
 __all__ = [
     "IGNORE",
     "TrainConfig",
@@ -341,6 +339,8 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32).
     An exception raised part-way (KeyboardInterrupt included) carries ``err.partial``: the same dict over the images
     scored before it, so a caller can still write what it has."""
+    from .metrics import MultilabelF1, SegmentationIoU  # torchmetrics (an extra): needed here only
+
     was_training = model.training
     model.eval()
     # sync_on_compute=False: one process evaluates the whole set (under torch.distributed, rank 0 alone); without a
