@@ -437,7 +437,8 @@ def check_out_dir(args) -> str | None:
         return None
     if args.overwrite:
         return None
-    finished = (Path(args.out) / "metrics.json").is_file()
+    metrics = Path(args.out) / "metrics.json"
+    finished = metrics.is_file() and not json.loads(metrics.read_text()).get("partial", False)
     state = "a finished run" if finished else "an unfinished run"
     return (f"{args.out} holds {state} ({ckpt}): add --resume to continue it, --overwrite to start afresh, "
             "or choose another --out")

@@ -339,14 +339,14 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32).
     An exception raised part-way (KeyboardInterrupt included) carries ``err.partial``: the same dict over the images
     scored before it, so a caller can still write what it has."""
-    from .metrics import MultilabelF1, SegmentationIoU  # torchmetrics (an extra): needed here only
+    from .metrics import SegmentationIoU, image_level_f1  # torchmetrics (an extra): needed here only
 
     was_training = model.training
     model.eval()
     # sync_on_compute=False: one process evaluates the whole set (under torch.distributed, rank 0 alone); without a
     # process group torchmetrics never syncs anyway, so this changes nothing there.
     iou = SegmentationIoU(num_classes, ignore_index=IGNORE, sync_on_compute=False)
-    f1 = MultilabelF1(num_classes, background_index=background, sync_on_compute=False)
+    f1 = image_level_f1(num_classes, background_index=background, sync_on_compute=False)
     if device is not None:
         iou, f1 = iou.to(device), f1.to(device)
     has_seg = has_cls = False
