@@ -167,6 +167,15 @@ def reshape_back(q, in_shape, out_shape):
     return q.reshape(*q.shape[:2], *in_shape[1:])
 
 
+def _expand_ellipsis(index: tuple, rank: int) -> tuple:
+    """`...` spelled out as the slices it stands for, so the batch dim's entry can be checked."""
+    if not any(i is Ellipsis for i in index):
+        return index
+    at = next(n for n, i in enumerate(index) if i is Ellipsis)
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    return index[:at] + (slice(None),) * (rank - consumed) + index[at + 1:]
+
+
 def _is_advanced(i) -> bool:
     return isinstance(i, (list, torch.Tensor)) or isinstance(i, tuple)
 
@@ -176,7 +185,7 @@ def slice_back(q, index, in_shape):
     """Transpose of `x[index]`: zeros of x's shape with q added where its entries came from. Basic indexing
     (ints, slices, None, ...) never repeats an entry: written in place. Advanced indexing (`x[:, [0, 0, 1]]`)
     can: each entry's flat position, then index_add, so repeats accumulate."""
-    index = index if isinstance(index, tuple) else (index,)
+    index = _expand_ellipsis(index if isinstance(index, tuple) else (index,), len(in_shape))
     if not index or index[0] != slice(None):
         raise RuntimeError(f"indexing {index} selects along the batch dimension; unroll needs samples kept apart")
     if not any(_is_advanced(i) for i in index):
@@ -262,6 +271,7 @@ def repeat_transpose(q, sizes, in_shape):
     return tiles.sum(tuple(range(2, 2 + 2 * (rank - 1), 2)))
 
 
+@graph_op
 def padded_shape(in_shape, pad):
     """x's shape after F.pad(x, pad) (pad lists (low, high) per dim from the last one)."""
     shape = list(in_shape)

@@ -293,7 +293,7 @@ def _interpolate_args(r) -> dict:
     return _pool_args(r, ["size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"])
 
 
-@rule(nn.Upsample, F.interpolate, F.upsample)
+@rule(nn.Upsample, F.interpolate)
 def interpolate(r):
     """y = interpolate(x) is linear in x  ->  q_x = its adjoint (aten's upsample backward) applied to q_y."""
     kw = _interpolate_args(r)
@@ -381,7 +381,7 @@ def _fan_out(r, scales):
     return pairs
 
 
-@rule(operator.add, torch.add, "add", "add_", "__add__", "__radd__")
+@rule(operator.add, torch.add, "add", "add_")
 def add(r):
     """s = u + alpha v  ->  q_u = q_s, q_v = alpha q_s: fan-out (summed over dims where u or v was broadcast)."""
     return _fan_out(r, (1, _alpha(r)))
