@@ -18,9 +18,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops, rules, tracing
 from .errors import UnsupportedModelError, describe
+from .schema import normalized_arguments
 
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
@@ -39,6 +41,12 @@ def _is_non_differentiable(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in rules.NON_DIFFERENTIABLE
 
 
+def _is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _SHAPE_ATTRS
+    return node.op == "call_method" and node.target in ("size", "dim", "numel", "type")
+
+
 class Step:
     """What a rule sees of one node: its cotangent `q`, its arguments, and ways to reach the forward pass."""
 
@@ -46,15 +54,34 @@ class Step:
         self.em, self.node, self.q = emitter, node, q
         self.module = emitter.root.get_submodule(node.target) if node.op == "call_module" else None
         self.x = node.args[0] if node.args else None  # the main input (kept if a rule rewrites the node)
+        self.kw = normalized_arguments(node, emitter.root)
 
-    def arg(self, index: int, name: str, default: Any = None) -> Any:
-        """The op's argument by keyword or position (position counts the input as 0, for methods too)."""
-        if name in self.node.kwargs:
-            return self.node.kwargs[name]
-        return self.node.args[index] if index < len(self.node.args) else default
+    def arg(self, name: str) -> Any:
+        """The op's argument `name`, however the model passed it (position, keyword, default), by the op's schema
+        (unroll.schema). Methods count `self` as the first parameter (`input` for most ops)."""
+        if self.kw is None or name not in self.kw:
+            self.unsupported(f"its argument {name!r} could not be read by the op's schema "
+                             f"(arguments {self.node.args!r:.200}, {self.node.kwargs!r:.200})")
+        return self.kw[name]
 
     def active(self, value: Any) -> bool:
         return isinstance(value, fx.Node) and value in self.em.active
+
+    def derived(self, value: Any) -> bool:
+        """Computed from the input's values (a mask `y > 0.1`, an active node): it has the batch dimension."""
+        return isinstance(value, fx.Node) and value in self.em.derived
+
+    def operand(self, value: Any, partner: fx.Node) -> Any:
+        """An input-independent operand of an elementwise op with the active tensor `partner`, inside the decoder,
+        ready to multiply a cotangent: a number as is; a tensor with the class dim inserted where it has the batch
+        dim. A value computed from the input's values (a mask) is saved per sample, so samples= subsets it."""
+        if not isinstance(value, fx.Node):
+            return value
+        if self.derived(value):
+            value = self.save(ops.batch_operand, value, partner, name="operand")
+        else:
+            value = self.constant(value)
+        return ops.class_broadcast(value, self.q)
 
     def save(self, fn: Callable, *args: Any, name: str, batched: bool = True, after: bool = False) -> fx.Proxy:
         """Have the forward pass compute fn(*args) (right before this node, or after it) and return it; the
@@ -89,6 +116,8 @@ class Step:
             return value
         if value.op == "get_attr":
             return self.em.decoder_attr(value.target)
+        if self.derived(value):
+            self.unsupported(f"'{value.name}' is computed from the input and used here as a weight or constant")
         return self.em.saved_input(value, f"const_{value.name}", False)
 
     def rewrite_with_indices(self, fn: Callable, x: fx.Node, **kwargs: Any) -> fx.Proxy:
@@ -110,6 +139,12 @@ class Step:
         out.meta = dict(old.meta)
         old.replace_all_uses_with(out)
         graph.erase_node(old)
+        em = self.em  # the analysis sets and the logits must name the new node (the output may be this op)
+        for nodes in (em.active, em.derived):
+            nodes.add(out)
+            nodes.add(both)
+        if em.logits is old:
+            em.logits = out
         self.node = out
         return out, extra
 
@@ -141,6 +176,7 @@ class Emitter:
                 f"the model returns {type(self.logits).__name__} ({self.logits!r:.200}); unroll needs forward() to "
                 "return the logits as one (B, K) tensor. Wrap the model to return just the class scores.")
         self.active = self._active_nodes()
+        self.derived = self._derived_nodes()
         if self.logits not in self.active:
             raise UnsupportedModelError("the model's output does not depend on its input")
         self._check_rules()
@@ -158,6 +194,16 @@ class Emitter:
                     active.add(n)
         return active
 
+    def _derived_nodes(self) -> set[fx.Node]:
+        """Nodes computed from the input's values, differentiable or not (`y > 0.1` is): they have its batch
+        dimension. Shape queries (`x.shape`, `x.size(0)`) cut the flow: what is built from them is not per-sample."""
+        derived = {self.input}
+        for n in self.enc.nodes:
+            if n.op in ("call_function", "call_method", "call_module") and not _is_shape_query(n):
+                if any(a in derived for a in n.all_input_nodes):
+                    derived.add(n)
+        return derived
+
     def _needed(self) -> list[fx.Node]:
         """Active nodes on a path from the input to the logits: exactly those the decoder must reverse."""
         needed, todo = set(), [self.logits]
@@ -174,7 +220,7 @@ class Emitter:
 
     def _is_tuple_part(self, node: fx.Node) -> bool:
         return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
-                and node.args[0].target in rules.TUPLE_OPS)
+                and node.args[0].target in rules.TUPLE_OPS and isinstance(node.args[1], int))
 
     def _check_rules(self):
         missing = [n for n in self._needed() if n.op != "placeholder" and not self._is_tuple_part(n)
@@ -225,7 +271,7 @@ class Emitter:
                 grad_x = q
                 continue
             if self._is_tuple_part(node):  # part i of a split: collect it; the split's rule joins the parts
-                parts = cot.setdefault(node.args[0], {})
+                parts = cot.setdefault(node.args[0], {})  # keyed as written: -1 is resolved at run time
                 i = node.args[1]
                 parts[i] = q if i not in parts else parts[i] + q
                 continue
@@ -266,7 +312,8 @@ class Emitter:
             if not isinstance(n, fx.Node) or n not in self.active or not rules.is_layer(n.target, module(n)):
                 return False
             users = list(n.users)
-            return not (len(users) == 1 and isinstance(module(users[0]), nn.modules.batchnorm._BatchNorm))
+            return not (len(users) == 1 and (isinstance(module(users[0]), nn.modules.batchnorm._BatchNorm)
+                                             or users[0].target is F.batch_norm))
 
         self.eps_gates: dict[fx.Node, fx.Node] = {}  # activation node -> its layer output z
         self.eps_outputs: set[fx.Node] = set()
