@@ -152,22 +152,24 @@ class _Tracer(fx.Tracer):
         return proxy
 
     def _evaluate(self, node: fx.Node) -> Any:
-        if node.op == "placeholder":
-            return self.example
-        if node.op == "get_attr":
-            return operator.attrgetter(node.target)(self.root)
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.values.__getitem__)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "call_module":
-            self._direct += 1
-            try:
+        """The node's value on the example, computed from its inputs' values -- with tracing off meanwhile, so
+        attribute reads and module calls inside are plain Python again."""
+        self._direct += 1
+        try:
+            if node.op == "placeholder":
+                return self.example
+            if node.op == "get_attr":
+                return operator.attrgetter(node.target)(self.root)
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.values.__getitem__)
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            if node.op == "call_module":
                 return _orig_module_call(self.root.get_submodule(node.target), *args, **kwargs)
-            finally:
-                self._direct -= 1
-        return None
+            return None
+        finally:
+            self._direct -= 1
 
     def call_module(self, m, forward, args, kwargs):
         if self._direct:
