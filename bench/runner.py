@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.cli import class_chunks, integer, number
+from unroll.segmentation.train import stable_seed
 from zoo.segmentation import SEG_MODELS, TIED
 
-__all__ = ["MODELS", "Experiment", "add_arguments", "check", "run", "load_trained", "Progress", "stable_seed",
+__all__ = ["MODELS", "Experiment", "add_arguments", "check", "run", "load_trained", "Progress",
            "report_problems"]
 
 MODELS = SEG_MODELS
@@ -182,13 +183,6 @@ def from_rank0(value, world: int):
     return box[0]
 
 
-def stable_seed(*parts) -> int:
-    ints = []
-    for p in parts:
-        ints += list(p.encode()) if isinstance(p, str) else [int(p)]
-    return int(np.random.SeedSequence(ints).generate_state(1)[0])
-
-
 # ------------------------------------------------------------------------------------------------------- experiment
 
 
@@ -262,10 +256,10 @@ def check_model_builds(args, num_classes: int) -> None:
 
 def get_classifier(args, exp: Experiment, device, rank, world, run_kw, console) -> tuple[torch.nn.Module, dict]:
     """The K-output classifier the segmentation model starts from: --classifier, or the cached / freshly trained
-    classification-only stage."""
+    classification-only stage (``unroll.segmentation.classifier.train_classifier``)."""
     import zoo
-    from zoo import segmentation as seg_models
-    from unroll.segmentation.train import TrainConfig, train
+    from unroll.segmentation.classifier import cached_classifier_state, train_classifier
+    from unroll.segmentation.train import TrainConfig
 
     k = exp.num_classes
     if args.classifier is not None:
@@ -281,36 +275,27 @@ def get_classifier(args, exp: Experiment, device, rank, world, run_kw, console) 
     if exp.name != "voc":  # the pool depends on the split (VOC's is fixed; its cached classifiers stay valid)
         spec["pool"] = sorted(exp.image.ids)
     folder = Path(args.classifier_dir) if args.classifier_dir else Path(args.out) / "classifier"
-    cached = folder / "classifier.pt"
-    spec_file = folder / "spec.json"
-    if cached.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
-        clf = zoo.classifier(args.backbone, k, weights=cached)
-        return clf, {"source": "cached", "path": str(cached), **spec}
+    state = cached_classifier_state(folder, spec)
+    if state is not None:  # (checked first: the initial weights need not be built, or downloaded)
+        clf = zoo.classifier(args.backbone, k)
+        clf.load_state_dict(state)
+        return clf, {"source": "cached", "path": str(folder / "classifier.pt"), **spec}
     torch.manual_seed(stable_seed(args.seed, "classifier-init"))
     clf = zoo.classifier(args.backbone, k, weights=_weights_arg(args.weights))
     if steps == 0:
         return clf, {"source": "initial weights, no classification stage", **spec}
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        console.log(f"classification stage: {steps} steps on {len(exp.image)} image-level images -> {folder}")
-    barrier(world)
+    console.log(f"classification stage: {steps} steps on {len(exp.image)} image-level images -> {folder}")
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.pretrain_lr, min_lr=args.pretrain_lr,
                       weight_decay=args.weight_decay, eval_every=min(steps, args.eval_every), select="f1",
                       eval_batch_size=args.eval_batch_size, seed=stable_seed(args.seed, "classifier-batches"),
                       num_workers=run_kw["workers"])
-    model = seg_models.build("classifier", clf, k, perturbation=args.pretrain_perturb,
-                             seed=stable_seed(args.seed, "classifier-noise"))
-    model = model.to(device, memory_format=run_kw["memory_format"])
+    clf = clf.to(device, memory_format=run_kw["memory_format"])
     with Progress(console, "classifier", steps, cfg.batch_size, rank == 0 and not args.no_progress) as bar:
-        train(model, cfg, num_classes=k, image_set=exp.image, val_set=exp.held,
-              out_dir=folder, resume=True, on_step=bar.step, on_log=bar.log, **run_kw["train"])
-    clf = clf.cpu()
-    if rank == 0:
-        torch.save(clf.state_dict(), cached)
-        spec_file.write_text(json.dumps(spec, indent=1))
-        (folder / "ckpt.pt").unlink(missing_ok=True)
-    barrier(world)
-    return clf, {"source": "trained here", "path": str(cached), **spec}
+        stage = train_classifier(clf, cfg, exp.image, k, folder=folder, key=spec, val_set=exp.held,
+                                 perturbation=args.pretrain_perturb,
+                                 noise_seed=stable_seed(args.seed, "classifier-noise"), on_step=bar.step,
+                                 on_log=bar.log, **run_kw["train"])
+    return clf.cpu(), {"source": "trained here", "path": str(stage.path), **spec}
 
 
 # --------------------------------------------------------------------------------------------------------- progress

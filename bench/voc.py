@@ -43,6 +43,7 @@ import numpy as np
 from bench import runner
 from bench.cli import integer
 from bench.runner import MODELS
+from unroll.segmentation.train import stable_seed
 from zoo.segmentation import TIED
 
 __all__ = ["main", "build_parser", "load_experiment", "MODELS", "TIED"]
@@ -86,7 +87,7 @@ def _sample(args, train_ids, labels, bad: set[str]) -> tuple[list[str], list[str
         if args.select_on > len(rest):
             raise ValueError(f"--select-on {args.select_on}: only {len(rest)} segmentation-train images lie outside "
                              f"the {args.labels} labelled ones (use a smaller number, or 0 to report the last step)")
-        rng = np.random.default_rng(runner.stable_seed(args.seed, "select-on"))
+        rng = np.random.default_rng(stable_seed(args.seed, "select-on"))
         held_out = sorted(rng.choice(rest, args.select_on, replace=False).tolist())
     return labelled, held_out
 

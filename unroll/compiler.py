@@ -18,31 +18,33 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
-from . import ops, rules
+from . import ops, rules, tracing
 from .errors import UnsupportedModelError, describe
+from .schema import normalized_arguments
 
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
-def trace(model: nn.Module) -> fx.Graph:
-    tracer = fx.Tracer()
-    tracer.record_stack_traces = True  # node.meta["stack_trace"]: lets errors point at the user's source line
-    try:
-        return tracer.trace(model)
-    except Exception as e:  # fx raises TraceError, TypeError, ... for control flow on tensors, len(), etc.
-        raise UnsupportedModelError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
-            "unroll needs a forward pass without data-dependent Python control flow (no `if x.sum() > 0`, no "
-            "loops over tensor values). Move such logic out of forward(), or make it depend on module attributes "
-            "only.") from e
+def trace(model: nn.Module, example: torch.Tensor | None = None, output: Any = None) -> fx.Graph:
+    """The model's forward as one fx graph from the input to the logits (see unroll.tracing): a symbolic trace
+    serving every input shape, or, where forward() branches on shapes and `example` is given, one specialised to
+    the example's shape and guarded against others."""
+    return tracing.trace(model, example, output)
 
 
 def _is_non_differentiable(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _SHAPE_ATTRS
     return node.op in ("call_function", "call_method") and node.target in rules.NON_DIFFERENTIABLE
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _SHAPE_ATTRS
+    return node.op == "call_method" and node.target in ("size", "dim", "numel", "type")
 
 
 class Step:
@@ -52,15 +54,34 @@ class Step:
         self.em, self.node, self.q = emitter, node, q
         self.module = emitter.root.get_submodule(node.target) if node.op == "call_module" else None
         self.x = node.args[0] if node.args else None  # the main input (kept if a rule rewrites the node)
+        self.kw = normalized_arguments(node, emitter.root)
 
-    def arg(self, index: int, name: str, default: Any = None) -> Any:
-        """The op's argument by keyword or position (position counts the input as 0, for methods too)."""
-        if name in self.node.kwargs:
-            return self.node.kwargs[name]
-        return self.node.args[index] if index < len(self.node.args) else default
+    def arg(self, name: str) -> Any:
+        """The op's argument `name`, however the model passed it (position, keyword, default), by the op's schema
+        (unroll.schema). Methods count `self` as the first parameter (`input` for most ops)."""
+        if self.kw is None or name not in self.kw:
+            self.unsupported(f"its argument {name!r} could not be read by the op's schema "
+                             f"(arguments {self.node.args!r:.200}, {self.node.kwargs!r:.200})")
+        return self.kw[name]
 
     def active(self, value: Any) -> bool:
         return isinstance(value, fx.Node) and value in self.em.active
+
+    def derived(self, value: Any) -> bool:
+        """Computed from the input's values (a mask `y > 0.1`, an active node): it has the batch dimension."""
+        return isinstance(value, fx.Node) and value in self.em.derived
+
+    def operand(self, value: Any, partner: fx.Node) -> Any:
+        """An input-independent operand of an elementwise op with the active tensor `partner`, inside the decoder,
+        ready to multiply a cotangent: a number as is; a tensor with the class dim inserted where it has the batch
+        dim. A value computed from the input's values (a mask) is saved per sample, so samples= subsets it."""
+        if not isinstance(value, fx.Node):
+            return value
+        if self.derived(value):
+            value = self.save(ops.batch_operand, value, partner, name="operand")
+        else:
+            value = self.constant(value)
+        return ops.class_broadcast(value, self.q)
 
     def save(self, fn: Callable, *args: Any, name: str, batched: bool = True, after: bool = False) -> fx.Proxy:
         """Have the forward pass compute fn(*args) (right before this node, or after it) and return it; the
@@ -95,6 +116,8 @@ class Step:
             return value
         if value.op == "get_attr":
             return self.em.decoder_attr(value.target)
+        if self.derived(value):
+            self.unsupported(f"'{value.name}' is computed from the input and used here as a weight or constant")
         return self.em.saved_input(value, f"const_{value.name}", False)
 
     def rewrite_with_indices(self, fn: Callable, x: fx.Node, **kwargs: Any) -> fx.Proxy:
@@ -116,6 +139,12 @@ class Step:
         out.meta = dict(old.meta)
         old.replace_all_uses_with(out)
         graph.erase_node(old)
+        em = self.em  # the analysis sets and the logits must name the new node (the output may be this op)
+        for nodes in (em.active, em.derived):
+            nodes.add(out)
+            nodes.add(both)
+        if em.logits is old:
+            em.logits = out
         self.node = out
         return out, extra
 
@@ -147,6 +176,7 @@ class Emitter:
                 f"the model returns {type(self.logits).__name__} ({self.logits!r:.200}); unroll needs forward() to "
                 "return the logits as one (B, K) tensor. Wrap the model to return just the class scores.")
         self.active = self._active_nodes()
+        self.derived = self._derived_nodes()
         if self.logits not in self.active:
             raise UnsupportedModelError("the model's output does not depend on its input")
         self._check_rules()
@@ -164,6 +194,16 @@ class Emitter:
                     active.add(n)
         return active
 
+    def _derived_nodes(self) -> set[fx.Node]:
+        """Nodes computed from the input's values, differentiable or not (`y > 0.1` is): they have its batch
+        dimension. Shape queries (`x.shape`, `x.size(0)`) cut the flow: what is built from them is not per-sample."""
+        derived = {self.input}
+        for n in self.enc.nodes:
+            if n.op in ("call_function", "call_method", "call_module") and not _is_shape_query(n):
+                if any(a in derived for a in n.all_input_nodes):
+                    derived.add(n)
+        return derived
+
     def _needed(self) -> list[fx.Node]:
         """Active nodes on a path from the input to the logits: exactly those the decoder must reverse."""
         needed, todo = set(), [self.logits]
@@ -180,7 +220,7 @@ class Emitter:
 
     def _is_tuple_part(self, node: fx.Node) -> bool:
         return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
-                and node.args[0].target in rules.TUPLE_OPS)
+                and node.args[0].target in rules.TUPLE_OPS and isinstance(node.args[1], int))
 
     def _check_rules(self):
         missing = [n for n in self._needed() if n.op != "placeholder" and not self._is_tuple_part(n)
@@ -231,7 +271,7 @@ class Emitter:
                 grad_x = q
                 continue
             if self._is_tuple_part(node):  # part i of a split: collect it; the split's rule joins the parts
-                parts = cot.setdefault(node.args[0], {})
+                parts = cot.setdefault(node.args[0], {})  # keyed as written: -1 is resolved at run time
                 i = node.args[1]
                 parts[i] = q if i not in parts else parts[i] + q
                 continue
@@ -272,7 +312,8 @@ class Emitter:
             if not isinstance(n, fx.Node) or n not in self.active or not rules.is_layer(n.target, module(n)):
                 return False
             users = list(n.users)
-            return not (len(users) == 1 and isinstance(module(users[0]), nn.modules.batchnorm._BatchNorm))
+            return not (len(users) == 1 and (isinstance(module(users[0]), nn.modules.batchnorm._BatchNorm)
+                                             or users[0].target is F.batch_norm))
 
         self.eps_gates: dict[fx.Node, fx.Node] = {}  # activation node -> its layer output z
         self.eps_outputs: set[fx.Node] = set()
@@ -412,7 +453,8 @@ RULE_NAMES = ("lrp0", "epsilon")
 
 
 def compile(model: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6, overrides: dict | None = None,
-            classes_per_chunk: int | str | None = "auto", checkpoint: bool = False) -> Unrolled:
+            classes_per_chunk: int | str | None = "auto", checkpoint: bool = False, *,
+            output: str | int | Callable | None = None, example: torch.Tensor | None = None) -> Unrolled:
     """Unroll a ReLU classifier into a module giving logits and all classes' heatmaps in one pass.
 
     rule="lrp0": input x gradient (= LRP-0), exactly autograd's. rule="epsilon": LRP-epsilon as zennit defines it
@@ -422,12 +464,17 @@ def compile(model: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6, overrid
         classes in one pass. "auto" (default): all at once on GPUs; on the CPU, chunks whose largest tensor stays
         under 24 MiB (see AUTO_CHUNK_BYTES: faster there, since big blocks page-fault on every call).
     checkpoint: recompute the decoder during backward instead of storing its activations (same gradients).
+    output: where the logits are in what forward() returns: a key or attribute name (output="logits" for a dict or a
+        transformers ModelOutput), an index into a tuple, or a callable taking the result.
+    example: an input tensor, needed only if forward() takes Python decisions from shapes (`if x.shape[-2] < 7`):
+        the graph is then specialised to the example's shape and refuses other shapes (`net.input_shape` says which
+        dims are fixed; None there = any size). Models that trace symbolically ignore it and serve every shape.
     """
     if rule not in RULE_NAMES:
         raise ValueError(f"rule={rule!r}: expected one of {RULE_NAMES}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"unroll.compile expects an nn.Module, got {type(model).__name__}")
-    graph = trace(model)
+    graph = trace(model, example, output)
     emitter = Emitter(model, graph, epsilon if rule == "epsilon" else None, overrides)
     heatmaps, gradients = emitter.emit()
     for g in (heatmaps, gradients):
@@ -435,8 +482,10 @@ def compile(model: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6, overrid
     encoder = fx.GraphModule(model, graph, class_name="Encoder")
     decoder = fx.GraphModule(model, heatmaps, class_name="Decoder")
     gradient_decoder = fx.GraphModule(model, gradients, class_name="GradientDecoder")
-    return Unrolled(model, encoder, decoder, gradient_decoder, [b for _, b in emitter.saved], rule,
-                    epsilon if rule == "epsilon" else None, classes_per_chunk, checkpoint)
+    net = Unrolled(model, encoder, decoder, gradient_decoder, [b for _, b in emitter.saved], rule,
+                   epsilon if rule == "epsilon" else None, classes_per_chunk, checkpoint)
+    net.input_shape = tracing.served_shape(graph)
+    return net
 
 
 def fold_channel_scales(graph: fx.Graph) -> None:

@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "IGNORE",
+    "SegOutput",
     "TrainConfig",
     "TrainResult",
     "BatchStream",
@@ -67,11 +68,20 @@ __all__ = [
     "train",
     "rng_state",
     "set_rng_state",
+    "stable_seed",
 ]
 
 IGNORE = 255
 CKPT_NAME = "ckpt.pt"
 _CKPT_FORMAT = "unroll-bench-train/1"
+
+
+class SegOutput(NamedTuple):
+    """What a model returns to the loop: class logits (B, K) (None for seg-only models) and maps (len(samples), K, H,
+    W) of the ``samples`` rows (None for the classifier alone)."""
+
+    logits: Tensor | None
+    seg: Tensor | None
 
 
 @dataclass
@@ -117,8 +127,13 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------------------------ batches
 
 
-def _seed_from(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+def stable_seed(*parts: int | str) -> int:
+    """One 32-bit seed from integers and strings, the same in every process (``hash(str)`` is salted per process,
+    so strings enter as their UTF-8 bytes); a pure function of ``parts``, e.g. ``stable_seed(seed, "classifier")``."""
+    ints: list[int] = []
+    for p in parts:
+        ints += list(p.encode()) if isinstance(p, str) else [int(p)]
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
 
 
 def collate(items: Sequence[dict]) -> dict[str, Tensor]:
@@ -186,7 +201,7 @@ class BatchStream(Dataset):
         for pos in range(step * per_step, (step + 1) * per_step):
             epoch = pos // size
             if epoch not in perms:
-                perms[epoch] = np.random.default_rng(_seed_from(self.seed, stream, epoch)).permutation(size)
+                perms[epoch] = np.random.default_rng(stable_seed(self.seed, stream, epoch)).permutation(size)
             out.append(int(perms[epoch][pos % size]))
         return out
 
@@ -194,7 +209,7 @@ class BatchStream(Dataset):
         r, w = self.rank, self.world
         with torch.random.fork_rng(devices=[]):
             # augmentation randomness, a function of the step (and of the shard when the batch is split)
-            torch.manual_seed(_seed_from(self.seed, 2, step) if w == 1 else _seed_from(self.seed, 2, step, r))
+            torch.manual_seed(stable_seed(self.seed, 2, step) if w == 1 else stable_seed(self.seed, 2, step, r))
             items = [self.pixel_set[i] for i in self.indices(0, step)[r::w]]
             image_items = [self.image_set[i] for i in self.indices(1, step)[r::w]]
         n_pixel = len(items)
