@@ -183,6 +183,9 @@ def load_experiment(args, rank: int, world: int, console) -> runner.Experiment:
     if not parts["test"]:
         raise ValueError(f"{args.data}: no test images (images with masks held out for the evaluation): add "
                          "masks, splits/test.txt, or a --test-fraction > 0")
+    warnings = absent_class_warnings(data, spec)
+    for text in warnings:
+        console.print(f"[yellow]warning:[/] {text}", highlight=False)
     masked_train = [i for i in parts["train"] if i in data.masks]
     if args.labels > len(masked_train):
         raise ValueError(f"--labels {args.labels} exceeds the {len(masked_train)} training images with masks")
@@ -204,9 +207,28 @@ def load_experiment(args, rank: int, world: int, console) -> runner.Experiment:
         source=str(Path(args.data).resolve()), mean=mean, std=std,
         info={"split": {k: len(v) for k, v in parts.items()}, "test_ids": parts["test"],
               "split_source": "splits/" if data.splits is not None else f"seeded (--split-seed {args.split_seed})",
-              "unused_images": unused, "skipped_files": [p.to_dict() for p in problems]},
+              "unused_images": unused, "skipped_files": [p.to_dict() for p in problems], "warnings": warnings},
         data_meta={"data": {"kind": "folder", "spec": spec.to_json(), "split_seed": args.split_seed,
                             "test_fraction": args.test_fraction, "val_fraction": args.val_fraction}})
+
+
+def absent_class_warnings(data, spec) -> list[str]:
+    """Classes that no checked mask contains (they cannot be learnt from pixels nor scored), with the likely cause
+    when the ignore value is common: a value that is a class in these masks (e.g. 255 in 0/255 masks) read as
+    'no label'."""
+    present = [p for p in data.checked.present.values()]
+    if not present:
+        return []
+    seen = np.any(np.stack(present), axis=0)
+    absent = [spec.classes[k] for k in range(1, spec.num_classes) if not seen[k]]
+    if not absent:
+        return []
+    text = f"class(es) {', '.join(absent)} appear in no mask"
+    if spec.mask_values is None and spec.mask_colors is None and spec.ignore_index is not None:
+        text += (f"; mask value {spec.ignore_index} is read as 'no label' (the ignore index): if it is a class in "
+                 f"these masks, map the values, e.g. --mask-values 0={spec.classes[0]},{spec.ignore_index}="
+                 f"{spec.classes[-1]}")
+    return [text]
 
 
 # --------------------------------------------------------------------------------------------------------- evaluate

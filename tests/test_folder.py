@@ -315,6 +315,9 @@ def test_membrane_folder_reads_through_a_value_mapping():
     mask = MaskReader(spec)(data.masks["0"])
     raw = np.asarray(Image.open(data.masks["0"]))
     assert (mask == (raw == 255)).all()
-    # without the mapping, 255 would be "ignore" and every cell pixel silently dropped: the default refuses nothing
-    # here, so the docs say to pass the mapping; the index reading shows what would happen
-    assert (MaskReader(FolderSpec(classes=["membrane", "cell"]))(data.masks["0"]) == 255).mean() > 0.5
+    # without the mapping 255 is the ignore value and every cell pixel would be dropped: the run says so
+    plain = folder.scan(MEMBRANE, FolderSpec(classes=["membrane", "cell"]))
+    folder.check(plain, plain.items(["0", "1"]), show_progress=False)
+    (warning,) = cli.absent_class_warnings(plain, plain.spec)
+    assert "cell appear in no mask" in warning and "--mask-values 0=membrane,255=cell" in warning
+    assert cli.absent_class_warnings(data, spec) == []

@@ -1,0 +1,66 @@
+"""docs/figures/membrane_unrolled_vs_unet.png: two test images of the membrane run (bench/results/membrane.sh) with
+the ground truth, both models' predictions (legend) and the unrolled model's 'cell' heatmap (colour scale).
+
+    python bench/results/membrane_figure.py RUNS DATA OUT.png     # RUNS holds unrolled/ and unet/
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import figures
+from bench.runner import load_trained
+from unroll.segmentation.folder import FolderSpec, MaskReader, read_image
+from unroll.segmentation.train import predict
+
+
+def main(runs: str, data: str, out: str, n: int = 2) -> None:
+    runs, data = Path(runs), Path(data)
+    models = {name: load_trained(runs / name / "ckpt.pt") for name in ("unrolled", "unet")}
+    metrics = {name: json.loads((runs / name / "metrics.json").read_text()) for name in models}
+    meta = models["unrolled"][1]
+    classes = meta["classes"]
+    reader = MaskReader(FolderSpec.from_json(meta["data"]["spec"]))
+    palette = figures.class_palette(len(classes))
+    palette[1] = (250, 250, 250)  # cell interior light, membrane (class 0) black: how EM masks are usually shown
+    mean, std = torch.tensor(meta["mean"]).view(3, 1, 1), torch.tensor(meta["std"]).view(3, 1, 1)
+    ids = metrics["unrolled"]["test_ids"][:n]
+    plt = figures.plt
+    cols = ["image", "ground truth", "unrolled", "unet", "unrolled: 'cell' heatmap"]
+    fig, axes = plt.subplots(n, len(cols), figsize=(2.3 * len(cols), 2.35 * n + 0.9), squeeze=False)
+    for r, stem in enumerate(ids):
+        rgb = torch.from_numpy(np.array(read_image(data / "images" / f"{stem}.png"))).permute(2, 0, 1).float() / 255
+        x = ((rgb - mean) / std)[None]
+        outs = {name: predict(model, x) for name, (model, _) in models.items()}
+        axes[r, 0].imshow(rgb[0], cmap="gray")
+        axes[r, 1].imshow(figures.colorize(reader(data / "masks" / f"{stem}.png"), palette))
+        for c, name in enumerate(("unrolled", "unet"), start=2):
+            axes[r, c].imshow(figures.colorize(outs[name]["pred"][0].numpy(), palette))
+        h = outs["unrolled"]["seg"][0, 1].float().numpy()
+        lim = float(np.abs(h).max()) or 1.0
+        im = axes[r, 4].imshow(h, cmap="bwr", vmin=-lim, vmax=lim)
+        cbar = fig.colorbar(im, ax=axes[r, 4], fraction=0.046, pad=0.02)
+        cbar.ax.tick_params(labelsize=6)
+        axes[r, 0].set_ylabel(f"test image {stem}", fontsize=7)
+        for ax in axes[r]:
+            figures._off(ax)
+    for c, name in enumerate(cols):
+        title = name if name not in metrics else f"{name} (test mIoU {100 * metrics[name]['miou']:.1f})"
+        axes[0, c].set_title(title, fontsize=7)
+    figures._legend(fig, [0, 1], palette, classes)
+    m = metrics["unrolled"]
+    fig.suptitle(f"ISBI membrane, N={m['labels']} pixel-labelled, resnet18 from scratch, {m['steps']} steps, "
+                 f"{m['config']['image_size']} px crops, seed {m['config']['seed']} (one run each; test = "
+                 f"{len(m['test_ids'])} held-out images)", fontsize=7.5)
+    figures._save(fig, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(*sys.argv[1:4])
