@@ -321,3 +321,36 @@ def test_membrane_folder_reads_through_a_value_mapping():
     (warning,) = cli.absent_class_warnings(plain, plain.spec)
     assert "cell appear in no mask" in warning and "--mask-values 0=membrane,255=cell" in warning
     assert cli.absent_class_warnings(data, spec) == []
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_a_folder(data_dir, tmp_path):
+    """DDP through the shared runner: rank 0 validates, every rank gets the result, the run finishes."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bench.folder",
+           *train_flags(data_dir, out, "unrolled", "--no-figures", "--val-fraction", "0.2")]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["environment"]["world_size"] == 2 and m["steps"] == 2 and m["partial"] is False
+
+
+def test_image_level_f1_of_a_two_class_task():
+    """Two classes (background + one): torchmetrics' multilabel F1 needs two labels, so the one object column is
+    scored by the binary F1, with the same conventions (background dropped, logit > 0, counts over all images)."""
+    from unroll.segmentation.metrics import BinaryObjectF1, MultilabelF1, image_level_f1
+
+    f1 = image_level_f1(2)
+    assert isinstance(f1, BinaryObjectF1) and isinstance(image_level_f1(3), MultilabelF1)
+    logits = torch.tensor([[5.0, 1.0], [5.0, -1.0], [5.0, 2.0], [-5.0, -3.0]])
+    target = torch.tensor([[1, 1], [1, 1], [1, 0], [1, 0]])
+    f1.update(logits[:2], target[:2])
+    f1.update(logits[2:], target[2:])
+    tp, fp, fn = 1, 1, 1  # rows 0 / 2 / 1 of the object column
+    assert float(f1.compute()) == pytest.approx(2 * tp / (2 * tp + fp + fn))
