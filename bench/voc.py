@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.cli import class_chunks, integer, number
+from bench.cli import Help, class_chunks, integer, number
 from unroll.segmentation.train import stable_seed
 from zoo.segmentation import SEG_MODELS, TIED
 
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.voc",
         description="PASCAL VOC 2012 semi-supervised segmentation (the paper's Table 1 protocol), one run. "
                     "Writes OUT/metrics.json, OUT/history.jsonl and figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
     )
     g = p.add_argument_group("data")
     g.add_argument("--root", default="data", help="folder holding VOCdevkit/VOC2012 (torchvision's root)")
@@ -82,14 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold out this many segmentation-train images (outside the labelled ones) and keep the "
                         "step with the best held-out mIoU; 0 = report the last step. Val is never used.")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODELS, default="unrolled")
+    g.add_argument("--model", choices=MODELS, default="unrolled",
+                   help="segmentation model (see zoo.segmentation): tied heatmap decoders (unrolled, unrolled-eps, "
+                        "ws-ae) or free decoders on the classifier's stages (unet, mt-unet, fcn)")
     g.add_argument("--backbone", default="resnet50",
                    help="torchvision classifier: resnet50, vgg16_bn, resnet18, ... (unet/mt-unet/fcn: ResNet or VGG)")
     g.add_argument("--weights", default="imagenet",
                    help="initial classifier weights: imagenet (torchvision's default, downloads), a PATH, or none")
     g.add_argument("--classifier", default=None,
                    help="a classifier already fine-tuned on VOC (21 outputs, state dict): skips the pretrain stage")
-    g.add_argument("--classifier-dir", default=None, help="where the pretrained classifier is cached (OUT/classifier)")
+    g.add_argument("--classifier-dir", default=None,
+                   help="where the pretrained classifier is cached (default: OUT/classifier)")
     g.add_argument("--heatmap-scale", type=_scale, default=1.0,
                    help="factor on the tied models' heatmaps before the CE (1 = the paper), or 'learn'")
     g.add_argument("--init-scale", type=number(0.0, True), default=1.0, help="initial value of a learnt scale")
@@ -113,20 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrain-perturb", choices=("none", "gaussian", "binary"), default="none",
                    help="model-pert: train the classifier stage on perturbed inputs (gaussian sigma 0.15 of the "
                         "image's range, or binary pixel keep-probability 0.9)")
-    g.add_argument("--weight-decay", type=number(0.0, False), default=1e-4)
+    g.add_argument("--weight-decay", type=number(0.0, False), default=1e-4,
+                   help="AdamW weight decay (weights only, not biases / BatchNorm), both stages")
     g.add_argument("--seg-weight", type=number(0.0, False), default=1.0, help="weight of the pixel-wise CE")
     g.add_argument("--cls-weight", type=number(0.0, False), default=1.0, help="weight of the sigmoid CE")
     g.add_argument("--eval-every", type=integer(1), default=1000, help="checkpoint (and held-out evaluation) interval")
     g.add_argument("--eval-batch-size", type=integer(1), default=4, help="full-image evaluation batch")
     g = p.add_argument_group("run")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     g.add_argument("--amp", action="store_true", help="bf16 autocast")
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA (channels_last is the default)")
     g.add_argument("--workers", type=integer(0), default=None, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
-    g.add_argument("--seed", type=integer(0), default=0)
+    g.add_argument("--seed", type=integer(0), default=0,
+                   help="picks the labelled images, the held-out ones, initialisation and batch order")
     g.add_argument("--out", default="runs/voc", help="output folder")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    g.add_argument("--no-figures", action="store_true")
+    g.add_argument("--no-figures", action="store_true", help="skip OUT/predictions.png and OUT/evolution.png")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     g.add_argument("--stop-after", type=integer(1), default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     return p
