@@ -497,7 +497,8 @@ def _run(args, parser, rank, world, device, console) -> int:
     if rank == 0:
         t0 = time.perf_counter()
         metrics = evaluate(model, data["val"], NUM_CLASSES, args.eval_batch_size, collate, device=device,
-                           amp_dtype=amp_dtype, channels_last=channels_last, num_workers=min(workers, 2))
+                           amp_dtype=amp_dtype, channels_last=channels_last, num_workers=min(workers, 2),
+                           progress=not args.no_progress)
         eval_seconds = time.perf_counter() - t0
         selection = (f"best held-out mIoU on {len(data['held_out'])} segmentation-train images outside the labelled "
                      f"ones (step {result.best_step} of {steps})" if data["held_out"] else
