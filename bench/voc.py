@@ -356,7 +356,8 @@ def _denorm(images: torch.Tensor) -> torch.Tensor:
 
 def predictions_figure(path, images, masks, pred, maps, title: str, max_classes: int = 3) -> Path:
     """Rows = images (sequences of per-image tensors, sizes may differ); columns: image, ground truth, prediction,
-    then the maps of the classes present in the ground truth (up to max_classes; red +, blue -)."""
+    then the maps of the classes present in the ground truth (up to max_classes; red +, blue -, each with its colour
+    scale). A legend names the classes of the ground truths and predictions."""
     from bench import figures
     from bench.data.voc import CLASSES, IGNORE, voc_palette
 
@@ -364,7 +365,7 @@ def predictions_figure(path, images, masks, pred, maps, title: str, max_classes:
     palette = voc_palette()
     n = len(images)
     cols = 3 + max_classes
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.6 * n + 0.6), squeeze=False)
     for i in range(n):
         m = masks[i].cpu().numpy()
         valid = m != IGNORE
@@ -377,12 +378,13 @@ def predictions_figure(path, images, masks, pred, maps, title: str, max_classes:
             if j < len(present):
                 h = maps[i][present[j]].float().cpu().numpy()
                 lim = float(np.abs(h).max()) or 1.0
-                ax.imshow(h, cmap="bwr", vmin=-lim, vmax=lim)
+                figures.heatmap_colorbar(fig, ax.imshow(h, cmap="bwr", vmin=-lim, vmax=lim), ax)
                 ax.set_title(CLASSES[present[j]], fontsize=7)
         for ax in axes[i]:
             figures._off(ax)
     for j, name in enumerate(("image", "ground truth", "prediction")):
         axes[0, j].set_title(name, fontsize=8)
+    figures._legend(fig, figures._present(*masks, *pred, num_classes=len(CLASSES)), palette, CLASSES)
     fig.suptitle(title, fontsize=9)
     return figures._save(fig, path)
 
