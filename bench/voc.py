@@ -346,14 +346,6 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------------------- figures
 
 
-def _denorm(images: torch.Tensor) -> torch.Tensor:
-    from bench.data.voc import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images.float().cpu() * std + mean).clamp(0, 1)
-
-
 def predictions_figure(path, images, masks, pred, maps, title: str, max_classes: int = 3) -> Path:
     """Rows = images (sequences of per-image tensors, sizes may differ); columns: image, ground truth, prediction,
     then the maps of the classes present in the ground truth (up to max_classes; red +, blue -, each with its colour
@@ -422,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, parser, rank, world, device, console) -> int:
     from zoo import segmentation as bench_models
-    from bench.data.voc import CLASSES, NUM_CLASSES, VOCMissingError
+    from bench.data.voc import CLASSES, NUM_CLASSES, VOCMissingError, denormalize
     from unroll.segmentation.train import TrainConfig, collate, evaluate, predict, train
 
     out = Path(args.out)
@@ -544,7 +536,7 @@ def _run(args, parser, rank, world, device, console) -> int:
                 for it in items:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         preds.append(predict(model, it["image"][None].to(device)))
-                predictions_figure(out / "predictions.png", [_denorm(it["image"][None])[0] for it in items],
+                predictions_figure(out / "predictions.png", [denormalize(it["image"]) for it in items],
                                    [it["mask"] for it in items], [p["pred"][0].cpu() for p in preds],
                                    [p["seg"][0].float().cpu() for p in preds],
                                    f"{args.model} ({args.backbone}), N={args.labels}, VOC val")
@@ -556,7 +548,7 @@ def _run(args, parser, rank, world, device, console) -> int:
                         keep = sorted(set(np.linspace(0, len(snaps) - 1, 8).round().astype(int).tolist()))
                         snaps = [snaps[i] for i in keep]
                     small = F.interpolate(evo["mask"][:, None].float(), scale_factor=0.5, mode="nearest")[:, 0]
-                    figures.evolution_figure(out / "evolution.png", _denorm(F.avg_pool2d(evo["image"], 2)),
+                    figures.evolution_figure(out / "evolution.png", denormalize(F.avg_pool2d(evo["image"], 2)),
                                              small.long(), [(s, h.float()) for s, h in snaps], list(CLASSES),
                                              title=f"{args.model} heatmaps during training (VOC val images)")
             except Exception as err:  # figures are a bonus; never lose the metrics for them
