@@ -171,9 +171,12 @@ ROWS: list[Row] = [
         note="linear ac"),
     Row(F.interpolate, L(lambda s, y: F.interpolate(y, scale_factor=2, mode="trilinear")), 3, note="trilinear"),
     Row(F.interpolate, L(lambda s, y: F.interpolate(y, scale_factor=(1, 2, 0.5))), 3, note="nearest 3d"),
+    Row(F.interpolate, L(lambda s, y: F.interpolate(y[:, :, ::2], size=y.shape[-2:], mode="bilinear")),
+        note="size from a shape"),
     # padding
     Row(F.pad, L(lambda s, y: F.pad(y, (1, 2, -1, 3), value=0.5))),
     Row(F.pad, L(lambda s, y: F.pad(y, [2, 1, 1, 2], mode="reflect")), note="reflect"),
+    Row(F.pad, L(lambda s, y: F.pad(y, [y.shape[-1] % 4, 1, 0, y.size(2) // 3])), note="amounts from shapes"),
     Row(F.pad, L(lambda s, y: F.pad(y, (3, 0, 1, 4), "replicate")), note="replicate"),
     Row(F.pad, L(lambda s, y: F.pad(y, (2, 4, 0, 1), mode="circular")), note="circular"),
     Row(F.pad, L(lambda s, y: F.pad(y, (1, 2), mode="reflect")), 1, note="reflect 1d"),

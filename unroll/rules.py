@@ -293,15 +293,20 @@ def _interpolate_args(r) -> dict:
     return _pool_args(r, ["size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"])
 
 
+def _has_node(value) -> bool:
+    return isinstance(value, fx.Node) or isinstance(value, (tuple, list)) and any(isinstance(v, fx.Node) for v in value)
+
+
 @rule(nn.Upsample, F.interpolate)
 def interpolate(r):
     """y = interpolate(x) is linear in x  ->  q_x = its adjoint (aten's upsample backward) applied to q_y."""
     kw = _interpolate_args(r)
     if kw["mode"] not in ops.interpolate_modes():
         r.unsupported(f"interpolation mode {kw['mode']!r}")
-    if any(isinstance(v, fx.Node) for v in (kw["size"], kw["scale_factor"])):
-        r.unsupported("an interpolation size or scale factor computed in forward()")
+    # (a size computed in forward(), e.g. `size=x.shape[-2:]`, is fine: the adjoint reads both sizes off q and x)
     scale = kw["scale_factor"]
+    if _has_node(scale) and not (kw["size"] is not None or kw["recompute_scale_factor"]):
+        r.unsupported("a scale factor computed in forward() (pass size= instead)")
     if kw["size"] is not None or kw["recompute_scale_factor"] or scale is None:
         scale = None  # F.interpolate then works from the output size and passes no scale factor on
     elif isinstance(scale, (tuple, list)):
@@ -328,9 +333,10 @@ def pad(r):
         pads = list(r.module.padding)
     else:
         mode, pads = r.arg("mode"), r.arg("pad")
-        if isinstance(pads, fx.Node) or any(isinstance(p, fx.Node) for p in pads):
-            r.unsupported("padding amounts computed in forward() (from shapes)")
-        pads = list(pads)
+        if isinstance(pads, fx.Node):
+            r.unsupported("a padding list traced as one value (write it out: [left, right, ...])")
+        # amounts computed from shapes (timm's pad_same) reach the decoder as run-time inputs
+        pads = [r.constant(p) for p in pads]
     if mode not in ("constant", "reflect", "replicate", "circular"):
         r.unsupported(f"padding mode {mode!r}")
     return ops.pad_transpose(r.q, pads, mode, r.shape(r.x))
