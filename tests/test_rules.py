@@ -400,3 +400,21 @@ def test_a_weight_computed_from_the_input_is_refused():
     model, _ = body_model(dynamic, w=nn.Parameter(torch.randn(6, 6, 3, 3, dtype=torch.double)))
     with pytest.raises(unroll.UnsupportedModelError, match="computed from the input"):
         unroll.compile(model)
+
+
+class ClampedInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, K)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(torch.clamp(x, 0.0, 1.0))).mean((2, 3)))
+
+
+def test_clamp_gate_on_the_bounds_is_autograds():
+    """Pixels exactly on a clamp bound (0 and 1 in images): autograd's gradient there is 0, so is the gate's."""
+    model = randomize(ClampedInput())
+    x = torch.rand(2, 3, 6, 5, dtype=torch.double) * 1.4 - 0.2
+    x[:, :, :2] = 1.0
+    x[:, :, -1] = 0.0
+    assert_matches_autograd(model, x)

@@ -383,6 +383,16 @@ def inside(a, lo, hi):
     return (a > lo) & (a < hi)
 
 
+def clamp_gate(z, lo, hi):
+    """The gate of clamp(z, lo, hi) as autograd defines it: lo < z < hi, bounds excluded (None: no bound)."""
+    gate = torch.ones_like(z, dtype=torch.bool)
+    if lo is not None:
+        gate &= z > lo
+    if hi is not None:
+        gate &= z < hi
+    return gate
+
+
 def batch_norm_scale(z: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """d bn(z) / dz per channel: gamma / sqrt(var + eps).
 

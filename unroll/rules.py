@@ -203,6 +203,28 @@ def hardtanh(r):
     return r.q * gate.unsqueeze(1)
 
 
+def _clamp_range(r):
+    lo = r.kw.get("min") if r.kw else None
+    hi = r.kw.get("max") if r.kw else None
+    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+        r.unsupported("clamp bounds that are tensors")
+    return lo, hi
+
+
+def _clamp_act(r, z):
+    return torch.clamp(z, *_clamp_range(r))
+
+
+@rule(torch.clamp, "clamp", "clamp_", torch.clip, "clip", "clip_", torch.clamp_min, "clamp_min", "clamp_min_",
+      torch.clamp_max, "clamp_max", "clamp_max_", activation=_clamp_act)
+def clamp(r):
+    """a = clamp(z, lo, hi)  ->  q_z = q_a * [lo < z < hi] (autograd's gradient is 0 on a bound), read off z
+    before the op (which may work in place); a missing bound is no bound."""
+    lo, hi = _clamp_range(r)
+    gate = r.save(ops.clamp_gate, r.x, lo, hi, name="gate")
+    return r.q * gate.unsqueeze(1)
+
+
 # ------------------------------------------------------------------ pooling
 
 

@@ -95,6 +95,13 @@ def normalized_arguments(node: fx.Node, root: torch.nn.Module) -> dict[str, Any]
 
     Modules give their forward()'s parameters (their settings are module attributes). A method's `self` is the
     first parameter of the torch function it maps to (usually `input`)."""
+    try:
+        return _normalized(node, root)
+    except Exception:  # a target no schema describes (a user function fx.wrap'ed): rules that read args refuse
+        return None
+
+
+def _normalized(node: fx.Node, root: torch.nn.Module) -> dict[str, Any] | None:
     args, kwargs = tuple(node.args), dict(node.kwargs)
     if node.op == "call_module":
         found = normalize_module(root, node.target, args, kwargs, normalize_to_only_use_kwargs=True)
