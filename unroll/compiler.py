@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops, rules
+from . import ops, rules, tracing
 from .errors import UnsupportedModelError, describe
 from .schema import normalized_arguments
 
@@ -28,17 +28,11 @@ _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
-def trace(model: nn.Module) -> fx.Graph:
-    tracer = fx.Tracer()
-    tracer.record_stack_traces = True  # node.meta["stack_trace"]: lets errors point at the user's source line
-    try:
-        return tracer.trace(model)
-    except Exception as e:  # fx raises TraceError, TypeError, ... for control flow on tensors, len(), etc.
-        raise UnsupportedModelError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
-            "unroll needs a forward pass without data-dependent Python control flow (no `if x.sum() > 0`, no "
-            "loops over tensor values). Move such logic out of forward(), or make it depend on module attributes "
-            "only.") from e
+def trace(model: nn.Module, example: torch.Tensor | None = None, output: Any = None) -> fx.Graph:
+    """The model's forward as one fx graph from the input to the logits (see unroll.tracing): a symbolic trace
+    serving every input shape, or, where forward() branches on shapes and `example` is given, one specialised to
+    the example's shape and guarded against others."""
+    return tracing.trace(model, example, output)
 
 
 def _is_non_differentiable(node: fx.Node) -> bool:
@@ -460,7 +454,8 @@ RULE_NAMES = ("lrp0", "epsilon")
 
 
 def compile(model: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6, overrides: dict | None = None,
-            classes_per_chunk: int | str | None = "auto", checkpoint: bool = False) -> Unrolled:
+            classes_per_chunk: int | str | None = "auto", checkpoint: bool = False, *,
+            output: str | int | Callable | None = None, example: torch.Tensor | None = None) -> Unrolled:
     """Unroll a ReLU classifier into a module giving logits and all classes' heatmaps in one pass.
 
     rule="lrp0": input x gradient (= LRP-0), exactly autograd's. rule="epsilon": LRP-epsilon as zennit defines it
@@ -470,12 +465,17 @@ def compile(model: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6, overrid
         classes in one pass. "auto" (default): all at once on GPUs; on the CPU, chunks whose largest tensor stays
         under 24 MiB (see AUTO_CHUNK_BYTES: faster there, since big blocks page-fault on every call).
     checkpoint: recompute the decoder during backward instead of storing its activations (same gradients).
+    output: where the logits are in what forward() returns: a key or attribute name (output="logits" for a dict or a
+        transformers ModelOutput), an index into a tuple, or a callable taking the result.
+    example: an input tensor, needed only if forward() takes Python decisions from shapes (`if x.shape[-2] < 7`):
+        the graph is then specialised to the example's shape and refuses other shapes (`net.input_shape` says which
+        dims are fixed; None there = any size). Models that trace symbolically ignore it and serve every shape.
     """
     if rule not in RULE_NAMES:
         raise ValueError(f"rule={rule!r}: expected one of {RULE_NAMES}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"unroll.compile expects an nn.Module, got {type(model).__name__}")
-    graph = trace(model)
+    graph = trace(model, example, output)
     emitter = Emitter(model, graph, epsilon if rule == "epsilon" else None, overrides)
     heatmaps, gradients = emitter.emit()
     for g in (heatmaps, gradients):
@@ -483,8 +483,10 @@ def compile(model: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6, overrid
     encoder = fx.GraphModule(model, graph, class_name="Encoder")
     decoder = fx.GraphModule(model, heatmaps, class_name="Decoder")
     gradient_decoder = fx.GraphModule(model, gradients, class_name="GradientDecoder")
-    return Unrolled(model, encoder, decoder, gradient_decoder, [b for _, b in emitter.saved], rule,
-                    epsilon if rule == "epsilon" else None, classes_per_chunk, checkpoint)
+    net = Unrolled(model, encoder, decoder, gradient_decoder, [b for _, b in emitter.saved], rule,
+                   epsilon if rule == "epsilon" else None, classes_per_chunk, checkpoint)
+    net.input_shape = tracing.served_shape(graph)
+    return net
 
 
 def fold_channel_scales(graph: fx.Graph) -> None:
