@@ -232,6 +232,41 @@ def unstack(q, dim):
     return q.unbind(_feature_dim(dim, q.dim() - 1))
 
 
+def _feature_dims(dims, rank: int) -> list[int]:
+    return [_feature_dim(d, rank) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+
+
+@graph_op
+def flip_back(q, dims):
+    """Transpose of flip: the same flip (an involution)."""
+    return q.flip(_feature_dims(dims, q.dim() - 1))
+
+
+@graph_op
+def roll_back(q, shifts, dims):
+    """Transpose of roll: roll back by the opposite shifts."""
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        raise RuntimeError("roll without dims rolls the flattened tensor, batch included; pass dims=")
+    shifts = [-s for s in (shifts if isinstance(shifts, (tuple, list)) else (shifts,))]
+    return q.roll(shifts, _feature_dims(dims, q.dim() - 1))
+
+
+@graph_op
+def movedim_back(q, source, destination):
+    """Transpose of movedim(source, destination): move the dims back."""
+    rank = q.dim() - 1
+    return q.movedim(_feature_dims(destination, rank), _feature_dims(source, rank))
+
+
+@graph_op
+def narrow_back(q, dim, start, in_shape):
+    """Transpose of narrow(dim, start, length): zeros of x's shape with q written into the window."""
+    d = _feature_dim(dim, len(in_shape))
+    out = q.new_zeros(*q.shape[:2], *in_shape[1:])
+    out.narrow(d, start % in_shape[d - 1], q.shape[d]).copy_(q)
+    return out
+
+
 @graph_op
 def split_back(q, shapes, dim):
     """Transpose of cat: cut q at the inputs' sizes along the concatenated dim."""

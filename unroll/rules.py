@@ -474,10 +474,33 @@ def repeat(r):
     return ops.repeat_transpose(r.q, tuple(sizes), r.shape(r.x))
 
 
-@rule(torch.transpose, "transpose", "transpose_")
+@rule(torch.transpose, "transpose", "transpose_", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
 def transpose(r):
-    d0, d1 = r.arg("dim0"), r.arg("dim1")
+    names = ("axis0", "axis1") if "axis0" in (r.kw or {}) else ("dim0", "dim1")
+    d0, d1 = (r.arg(n) for n in names)
     return r.q.transpose(*(d + 1 if d >= 0 else d for d in (d0, d1)))
+
+
+@rule(torch.flip, "flip")
+def flip(r):
+    return ops.flip_back(r.q, r.arg("dims"))
+
+
+@rule(torch.roll, "roll")
+def roll(r):
+    return ops.roll_back(r.q, r.arg("shifts"), r.arg("dims"))
+
+
+@rule(torch.movedim, "movedim", torch.moveaxis, "moveaxis")
+def movedim(r):
+    return ops.movedim_back(r.q, r.arg("source"), r.arg("destination"))
+
+
+@rule(torch.narrow, "narrow")
+def narrow(r):
+    if any(isinstance(r.arg(n), fx.Node) for n in ("dim", "start")):
+        r.unsupported("a narrow window computed in forward()")
+    return ops.narrow_back(r.q, r.arg("dim"), r.arg("start"), r.shape(r.x))
 
 
 @rule(torch.permute, "permute")

@@ -30,6 +30,7 @@ def _tile(input, *dims): ...
 def _split(input, split_size_or_sections, dim=0): ...
 def _sum(input, dim=None, keepdim=False, *, dtype=None): ...
 def _squeeze(input, dim=None): ...
+def _flip(input, *dims): ...
 
 
 _BINARY = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
@@ -39,7 +40,7 @@ _METHODS = {
     "view": _view, "reshape": _view, "permute": _permute, "repeat": _repeat, "expand": _expand, "tile": _tile,
     "view_as": _as, "reshape_as": _as, "expand_as": _as, "contiguous": _contiguous,
     "__add__": _binary, "__radd__": _binary, "__sub__": _binary, "__mul__": _binary, "__rmul__": _binary,
-    "__truediv__": _binary, "split": _split, "sum": _sum, "squeeze": _squeeze,
+    "__truediv__": _binary, "split": _split, "sum": _sum, "squeeze": _squeeze, "flip": _flip,
 }
 _VARARGS = {"shape", "dims", "sizes", "size"}  # x.view(2, 3) and x.view((2, 3)) mean the same
 
