@@ -418,6 +418,26 @@ def inside(a, lo, hi):
     return (a > lo) & (a < hi)
 
 
+def cast_source(x, y):
+    """What the transpose of a cast needs: x's dtype and device (the cotangent goes back to them)."""
+    if not y.is_floating_point():
+        raise RuntimeError(f"unroll: a cast of an input-dependent tensor to {y.dtype} (no gradient flows through it)")
+    return x.dtype, x.device
+
+
+@graph_op
+def cast_back(q, source):
+    dtype, device = source
+    return q.to(device=device, dtype=dtype)
+
+
+@graph_op
+def masked(q, condition, keep: bool):
+    """The transpose of one side of torch.where(condition, a, b): q where that side was chosen, else 0."""
+    zero = q.new_zeros(())
+    return torch.where(condition, q, zero) if keep else torch.where(condition, zero, q)
+
+
 def clamp_gate(z, lo, hi):
     """The gate of clamp(z, lo, hi) as autograd defines it: lo < z < hi, bounds excluded (None: no bound)."""
     gate = torch.ones_like(z, dtype=torch.bool)

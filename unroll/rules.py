@@ -225,6 +225,19 @@ def clamp(r):
     return r.q * gate.unsqueeze(1)
 
 
+def _threshold_act(r, z):
+    th, value = (getattr(r.module, n) if r.module is not None else r.arg(n) for n in ("threshold", "value"))
+    return F.threshold(z, th, value)
+
+
+@rule(nn.Threshold, F.threshold, F.threshold_, activation=_threshold_act)
+def threshold(r):
+    """a = z if z > t else v  ->  q_z = q_a * [z > t], read off z before the op (a = v may itself exceed t)."""
+    t = r.module.threshold if r.module is not None else r.arg("threshold")
+    gate = r.save(operator.gt, r.x, t, name="gate")
+    return r.q * gate.unsqueeze(1)
+
+
 # ------------------------------------------------------------------ pooling
 
 
@@ -389,6 +402,16 @@ def identity(r):
     return r.q
 
 
+@rule("float", "double", "half", "bfloat16", "to", "type_as")
+def cast(r):
+    """A floating-point cast (or device move): the cotangent goes back to the input's dtype and device, as in
+    autograd. A cast to an integer or bool dtype is refused when it runs."""
+    if any(isinstance(a, fx.Node) for a in r.node.args[1:] if r.node.target != "type_as"):
+        r.unsupported("a cast to a dtype computed in forward()")
+    source = r.save(ops.cast_source, r.x, r.node, name="cast", batched=False, after=True)
+    return ops.cast_back(r.q, source)
+
+
 # ------------------------------------------------------------------ fan-out and arithmetic with constants
 
 
@@ -447,6 +470,18 @@ def div(r):
     if (r.kw or {}).get("rounding_mode") is not None:
         r.unsupported("division with rounding_mode (piecewise constant: no gradient)")
     return [(u, ops.sum_to(r.q / r.operand(c, u), r.shape(u)))]
+
+
+@rule(torch.where, "where")
+def where(r):
+    """w = where(m, a, b) with the mask m not input-dependent (a comparison is not)  ->  q_a = q_w where m,
+    q_b = q_w elsewhere (each summed over the dims it was broadcast along)."""
+    m = r.arg("condition")
+    if r.active(m):
+        r.unsupported("a condition that carries gradients")
+    sides = [(r.arg(name), keep) for name, keep in (("input", True), ("other", False)) if r.active(r.arg(name))]
+    mask = r.operand(m, sides[0][0])
+    return [(node, ops.sum_to(ops.masked(r.q, mask, keep), r.shape(node))) for node, keep in sides]
 
 
 # ------------------------------------------------------------------ shape ops: their inverses
