@@ -41,16 +41,20 @@ _FUNCTIONS = {op: _binary for op in _BINARY} | {operator.neg: _unary, operator.g
 _METHODS = {
     "view": _view, "reshape": _view, "permute": _permute, "repeat": _repeat, "expand": _expand, "tile": _tile,
     "view_as": _as, "reshape_as": _as, "expand_as": _as, "contiguous": _contiguous,
-    "__add__": _binary, "__radd__": _binary, "__sub__": _binary, "__mul__": _binary, "__rmul__": _binary,
-    "__truediv__": _binary, "split": _split, "sum": _sum, "squeeze": _squeeze, "flip": _flip,
+    "split": _split, "sum": _sum, "squeeze": _squeeze, "flip": _flip,
     "where": _where, "to": _to,
 }
 _VARARGS = {"shape", "dims", "sizes", "size"}  # x.view(2, 3) and x.view((2, 3)) mean the same
 
 
 def method_function(name: str):
-    """The torch function a Tensor method name normalises like (`add_` -> torch.add), or None."""
-    return getattr(torch, name, None) or getattr(torch, name.rstrip("_"), None)
+    """The torch function a Tensor method name normalises like (`add_` -> torch.add), or None (`torch.float` is
+    a dtype, not the method's function)."""
+    for candidate in (name, name.rstrip("_")):
+        fn = getattr(torch, candidate, None)
+        if callable(fn) and not isinstance(fn, (torch.dtype, type)):
+            return fn
+    return None
 
 
 def _bind(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
