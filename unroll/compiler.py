@@ -53,8 +53,9 @@ class Step:
     def __init__(self, emitter: "Emitter", node: fx.Node, q: Any):
         self.em, self.node, self.q = emitter, node, q
         self.module = emitter.root.get_submodule(node.target) if node.op == "call_module" else None
-        self.x = node.args[0] if node.args else None  # the main input (kept if a rule rewrites the node)
         self.kw = normalized_arguments(node, emitter.root)
+        # the main input (kept if a rule rewrites the node): the first argument, however it was passed
+        self.x = node.args[0] if node.args else next(iter((self.kw or node.kwargs).values()), None)
 
     def arg(self, name: str) -> Any:
         """The op's argument `name`, however the model passed it (position, keyword, default), by the op's schema
