@@ -383,11 +383,16 @@ class _Snapshot:
     def stale(self, model: nn.Module) -> str | None:
         """None if every submodule the graphs use is the compiled one (or a same-type, same-hyperparameter
         replacement of a leaf module); else what changed."""
-        for path in self.paths:
-            try:
-                m = _resolve(model, path)
-            except AttributeError:
-                return f"model.{path} was removed"
+        resolved = {"": model}
+        for path in self.paths:  # parents first: each lookup is one step from its resolved parent
+            parent, _, name = path.rpartition(".")
+            owner = resolved[parent]
+            m = owner._modules.get(name) if isinstance(owner, nn.Module) else None
+            if m is None:
+                m = getattr(owner, name, None)
+                if m is None:
+                    return f"model.{path} was removed"
+            resolved[path] = m
             if self.refs[path]() is m:
                 continue
             if not isinstance(m, nn.Module):
