@@ -9,7 +9,8 @@
    labels (read once from the XML, cached beside the data). Batches of ``--batch-size`` (10) hold about half of
    each; maps are computed for the pixel-labelled rows only. Loss ``--seg-weight`` x pixel-wise softmax CE over the
    21 stacked maps + ``--cls-weight`` x sigmoid CE on the logits (background weight 0). AdamW, ``--lr`` 1e-5.
-   Augmentation: random scale (0.5-2), crop ``--image-size`` (256), horizontal flip. One loop: ``bench.train``.
+   Augmentation: random scale (0.5-2), crop ``--image-size`` (256), horizontal flip. One loop:
+   ``unroll.segmentation.train``.
 3. Evaluation on the 1449 segmentation ``val`` images, full images, 255 ignored: mIoU, per-class IoU, and the image-
    level macro F1 over the 20 object classes (logit > 0). Val is never used for selection: ``--select-on K`` holds
    out K segmentation-train images outside the N labelled ones and keeps the step with the best held-out mIoU;
@@ -41,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.cli import class_chunks, integer, number
-from bench.models import SEG_MODELS, TIED
+from unroll.segmentation.train import stable_seed
+from zoo.segmentation import SEG_MODELS, TIED
 
 __all__ = ["main", "build_parser", "MODELS"]
 
@@ -181,13 +183,6 @@ def _barrier(world: int) -> None:
 # ------------------------------------------------------------------------------------------------------------- data
 
 
-def _stable_seed(*parts) -> int:
-    ints = []
-    for p in parts:
-        ints += list(p.encode()) if isinstance(p, str) else [int(p)]
-    return int(np.random.SeedSequence(ints).generate_state(1)[0])
-
-
 def load_data(args, rank: int, world: int) -> dict[str, Any]:
     """Splits, image-level labels (cached beside the data), the labelled and held-out ids, and the datasets."""
     from bench.data import voc
@@ -219,7 +214,7 @@ def load_data(args, rank: int, world: int) -> dict[str, Any]:
         if args.select_on > len(rest):
             raise ValueError(f"--select-on {args.select_on}: only {len(rest)} segmentation-train images lie outside "
                              f"the {args.labels} labelled ones (use a smaller number, or 0 to report the last step)")
-        rng = np.random.default_rng(_stable_seed(args.seed, "select-on"))
+        rng = np.random.default_rng(stable_seed(args.seed, "select-on"))
         held_out = sorted(rng.choice(rest, args.select_on, replace=False).tolist())
     size = args.image_size
     return {
@@ -252,9 +247,9 @@ def get_classifier(args, data, device, rank, world, run_kw, console) -> tuple[to
     """The 21-output classifier the segmentation model starts from: --classifier, or the cached / freshly trained
     classification-only stage."""
     import zoo
-    from bench import models as bench_models
     from bench.data.voc import NUM_CLASSES
-    from bench.train import TrainConfig, train
+    from unroll.segmentation.classifier import cached_classifier_state, train_classifier
+    from unroll.segmentation.train import TrainConfig
 
     if args.classifier is not None:
         clf = zoo.classifier(args.backbone, NUM_CLASSES, weights=args.classifier)
@@ -266,36 +261,27 @@ def get_classifier(args, data, device, rank, world, run_kw, console) -> tuple[to
     if args.pretrain_perturb != "none":  # (absent otherwise, so classifiers cached before the flag stay valid)
         spec["perturb"] = args.pretrain_perturb
     folder = Path(args.classifier_dir) if args.classifier_dir else Path(args.out) / "classifier"
-    cached = folder / "classifier.pt"
-    spec_file = folder / "spec.json"
-    if cached.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
-        clf = zoo.classifier(args.backbone, NUM_CLASSES, weights=cached)
-        return clf, {"source": "cached", "path": str(cached), **spec}
-    torch.manual_seed(_stable_seed(args.seed, "classifier-init"))
+    state = cached_classifier_state(folder, spec)
+    if state is not None:  # (checked first: the initial weights need not be built, or downloaded)
+        clf = zoo.classifier(args.backbone, NUM_CLASSES)
+        clf.load_state_dict(state)
+        return clf, {"source": "cached", "path": str(folder / "classifier.pt"), **spec}
+    torch.manual_seed(stable_seed(args.seed, "classifier-init"))
     clf = zoo.classifier(args.backbone, NUM_CLASSES, weights=_weights_arg(args.weights))
     if steps == 0:
         return clf, {"source": "initial weights, no classification stage", **spec}
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        console.log(f"classification stage: {steps} steps on {len(data['image'])} image-level images -> {folder}")
-    _barrier(world)
+    console.log(f"classification stage: {steps} steps on {len(data['image'])} image-level images -> {folder}")
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.pretrain_lr, min_lr=args.pretrain_lr,
                       weight_decay=args.weight_decay, eval_every=min(steps, args.eval_every), select="f1",
-                      eval_batch_size=args.eval_batch_size, seed=_stable_seed(args.seed, "classifier-batches"),
+                      eval_batch_size=args.eval_batch_size, seed=stable_seed(args.seed, "classifier-batches"),
                       num_workers=run_kw["workers"])
-    model = bench_models.build("classifier", clf, NUM_CLASSES, perturbation=args.pretrain_perturb,
-                               seed=_stable_seed(args.seed, "classifier-noise"))
-    model = model.to(device, memory_format=run_kw["memory_format"])
+    clf = clf.to(device, memory_format=run_kw["memory_format"])
     with _Progress(console, "classifier", steps, cfg.batch_size, rank == 0 and not args.no_progress) as bar:
-        train(model, cfg, num_classes=NUM_CLASSES, image_set=data["image"], val_set=data["held"],
-              out_dir=folder, resume=True, on_step=bar.step, on_log=bar.log, **run_kw["train"])
-    clf = clf.cpu()
-    if rank == 0:
-        torch.save(clf.state_dict(), cached)
-        spec_file.write_text(json.dumps(spec, indent=1))
-        (folder / "ckpt.pt").unlink(missing_ok=True)
-    _barrier(world)
-    return clf, {"source": "trained here", "path": str(cached), **spec}
+        stage = train_classifier(clf, cfg, data["image"], NUM_CLASSES, folder=folder, key=spec,
+                                 val_set=data["held"], perturbation=args.pretrain_perturb,
+                                 noise_seed=stable_seed(args.seed, "classifier-noise"), on_step=bar.step,
+                                 on_log=bar.log, **run_kw["train"])
+    return clf.cpu(), {"source": "trained here", "path": str(stage.path), **spec}
 
 
 # --------------------------------------------------------------------------------------------------------- progress
@@ -428,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, parser, rank, world, device, console) -> int:
-    from bench import models as bench_models
+    from zoo import segmentation as bench_models
     from bench.data.voc import CLASSES, NUM_CLASSES, VOCMissingError
-    from bench.train import TrainConfig, collate, evaluate, predict, train
+    from unroll.segmentation.train import TrainConfig, collate, evaluate, predict, train
 
     out = Path(args.out)
     try:
@@ -458,7 +444,7 @@ def _run(args, parser, rank, world, device, console) -> int:
     try:
         try:
             clf, clf_info = get_classifier(args, data, device, rank, world, run_kw, console)
-            torch.manual_seed(_stable_seed(args.seed, args.labels, args.model, "init"))
+            torch.manual_seed(stable_seed(args.seed, args.labels, args.model, "init"))
             model = bench_models.build(args.model, clf, NUM_CLASSES, epsilon=args.epsilon,
                                        heatmap_scale=args.heatmap_scale, init_scale=args.init_scale,
                                        classes_per_chunk=args.classes_per_chunk, checkpoint=args.decoder_checkpoint)
@@ -476,7 +462,7 @@ def _run(args, parser, rank, world, device, console) -> int:
                           min_lr=args.lr, weight_decay=args.weight_decay, seg_weight=args.seg_weight,
                           cls_weight=args.cls_weight, eval_every=min(args.eval_every, steps),
                           eval_batch_size=args.eval_batch_size, select="miou",
-                          seed=_stable_seed(args.seed, args.labels, "batches"), num_workers=workers)
+                          seed=stable_seed(args.seed, args.labels, "batches"), num_workers=workers)
         on_eval = None
         evo = None
         if args.model in TIED and not args.no_figures and rank == 0:

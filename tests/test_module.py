@@ -39,6 +39,16 @@ class Normalised(nn.Module):
         return self.fc(self.gap(self.body(self.pool(self.act(self.bn(self.conv(x)))))).flatten(1))
 
 
+class FunctionalBN(Normalised):
+    """The same network with its BatchNorm called as F.batch_norm (as timm's BatchNormAct2d does)."""
+
+    def forward(self, x):
+        bn = self.bn
+        h = F.batch_norm(self.conv((x - self.mean) / self.std), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                         bn.training, bn.momentum, bn.eps)
+        return self.fc(self.gap(self.body(self.pool(self.act(h)))).flatten(1))
+
+
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
     from conftest import randomize
 
@@ -200,12 +210,13 @@ def _reference_weight_grad(model: Normalised, x: torch.Tensor, detach: bool) -> 
     return heat.detach(), model.conv.weight.grad.clone()
 
 
+@pytest.mark.parametrize("spelling", [Normalised, FunctionalBN])
 @pytest.mark.parametrize("ruleset", ["lrp0", "train-bn"])
-def test_batch_norm_rules_in_train_mode_against_autograd(ruleset):
+def test_batch_norm_rules_in_train_mode_against_autograd(ruleset, spelling):
     """In train mode both BatchNorm rules give the heatmaps with frozen batch statistics; TRAIN_BN's training
     gradient also flows through the batch variance (how the weights move it), LRP0's does not: each equals its
     autograd reference (float64, 1e-10), and the two gradients differ."""
-    model = randomised(Normalised()).train()
+    model = randomised(spelling()).train()
     x = x64(4)
     ref_heat, ref_grad = _reference_weight_grad(model, x, detach=ruleset == "lrp0")
     model.zero_grad()
@@ -358,7 +369,7 @@ def test_the_cache_recompiles_after_a_submodule_is_replaced():
     assert relative_error(unroll.attribution.ixg(model, x), ref) < 1e-10
 
 
-# ---------------------------------------------------------------------------------------------------- classes=, samples=
+# ------------------------------------------------------------------------------------------------ classes=, samples=
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@
     emit        walk the graph from the logits back to the input; each node's rule (unroll.rules) turns the
                 cotangent of its output into cotangents of its inputs, writing the decoder graph, and asks the
                 forward graph to also return what it needs (gates, pool indices, shapes) -- nothing else is kept
-    Unrolled    an nn.Module holding the model (its parameters, never copies) and both graphs
+    Unrolled    an nn.Module holding the model (its parameters, never copies) and the compiled graphs, which
+                reach parameters, buffers and submodules through the live model (LiveGraph: `self.model.<path>`)
+Which rule each op gets is a value, `unroll.rulesets.RuleSet` (compile(rules=...)).
 
 Cotangents carry a class dimension after the batch dimension: q has shape (B, K, ...) where the encoder tensor
 has (B, ...). Seeding q at the logits with the identity gives every class's d logit_k / d x in one pass.
@@ -20,31 +22,33 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
-from . import ops, rules, rulesets
+from . import ops, rules, rulesets, tracing
 from .errors import UnsupportedModelError, describe
+from .schema import normalized_arguments
 
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
-def trace(model: nn.Module) -> fx.Graph:
-    tracer = fx.Tracer()
-    tracer.record_stack_traces = True  # node.meta["stack_trace"]: lets errors point at the user's source line
-    try:
-        return tracer.trace(model)
-    except Exception as e:  # fx raises TraceError, TypeError, ... for control flow on tensors, len(), etc.
-        raise UnsupportedModelError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
-            "unroll needs a forward pass without data-dependent Python control flow (no `if x.sum() > 0`, no "
-            "loops over tensor values). Move such logic out of forward(), or make it depend on module attributes "
-            "only.") from e
+def trace(model: nn.Module, example: torch.Tensor | None = None, output: Any = None) -> fx.Graph:
+    """The model's forward as one fx graph from the input to the logits (see unroll.tracing): a symbolic trace
+    serving every input shape, or, where forward() branches on shapes and `example` is given, one specialised to
+    the example's shape and guarded against others."""
+    return tracing.trace(model, example, output)
 
 
 def _is_non_differentiable(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _SHAPE_ATTRS
     return node.op in ("call_function", "call_method") and node.target in rules.NON_DIFFERENTIABLE
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _SHAPE_ATTRS
+    return node.op == "call_method" and node.target in ("size", "dim", "numel", "type")
 
 
 class Step:
@@ -54,15 +58,34 @@ class Step:
         self.em, self.node, self.q = emitter, node, q
         self.module = emitter.root.get_submodule(node.target) if node.op == "call_module" else None
         self.x = node.args[0] if node.args else None  # the main input (kept if a rule rewrites the node)
+        self.kw = normalized_arguments(node, emitter.root)
 
-    def arg(self, index: int, name: str, default: Any = None) -> Any:
-        """The op's argument by keyword or position (position counts the input as 0, for methods too)."""
-        if name in self.node.kwargs:
-            return self.node.kwargs[name]
-        return self.node.args[index] if index < len(self.node.args) else default
+    def arg(self, name: str) -> Any:
+        """The op's argument `name`, however the model passed it (position, keyword, default), by the op's schema
+        (unroll.schema). Methods count `self` as the first parameter (`input` for most ops)."""
+        if self.kw is None or name not in self.kw:
+            self.unsupported(f"its argument {name!r} could not be read by the op's schema "
+                             f"(arguments {self.node.args!r:.200}, {self.node.kwargs!r:.200})")
+        return self.kw[name]
 
     def active(self, value: Any) -> bool:
         return isinstance(value, fx.Node) and value in self.em.active
+
+    def derived(self, value: Any) -> bool:
+        """Computed from the input's values (a mask `y > 0.1`, an active node): it has the batch dimension."""
+        return isinstance(value, fx.Node) and value in self.em.derived
+
+    def operand(self, value: Any, partner: fx.Node) -> Any:
+        """An input-independent operand of an elementwise op with the active tensor `partner`, inside the decoder,
+        ready to multiply a cotangent: a number as is; a tensor with the class dim inserted where it has the batch
+        dim. A value computed from the input's values (a mask) is saved per sample, so samples= subsets it."""
+        if not isinstance(value, fx.Node):
+            return value
+        if self.derived(value):
+            value = self.save(ops.batch_operand, value, partner, name="operand")
+        else:
+            value = self.constant(value)
+        return ops.class_broadcast(value, self.q)
 
     def save(self, fn: Callable, *args: Any, name: str, batched: bool = True, after: bool = False) -> fx.Proxy:
         """Have the forward pass compute fn(*args) (right before this node, or after it) and return it; the
@@ -97,6 +120,8 @@ class Step:
             return value
         if value.op == "get_attr":
             return self.em.decoder_attr(value.target)
+        if self.derived(value):
+            self.unsupported(f"'{value.name}' is computed from the input and used here as a weight or constant")
         return self.em.saved_input(value, f"const_{value.name}", False)
 
     def rewrite_with_indices(self, fn: Callable, x: fx.Node, **kwargs: Any) -> fx.Proxy:
@@ -118,6 +143,12 @@ class Step:
         out.meta = dict(old.meta)
         old.replace_all_uses_with(out)
         graph.erase_node(old)
+        em = self.em  # the analysis sets and the logits must name the new node (the output may be this op)
+        for nodes in (em.active, em.derived):
+            nodes.add(out)
+            nodes.add(both)
+        if em.logits is old:
+            em.logits = out
         self.node = out
         return out, extra
 
@@ -149,6 +180,7 @@ class Emitter:
                 f"the model returns {type(self.logits).__name__} ({self.logits!r:.200}); unroll needs forward() to "
                 "return the logits as one (B, K) tensor. Wrap the model to return just the class scores.")
         self.active = self._active_nodes()
+        self.derived = self._derived_nodes()
         if self.logits not in self.active:
             raise UnsupportedModelError("the model's output does not depend on its input")
         self._check_rules()
@@ -166,6 +198,16 @@ class Emitter:
                     active.add(n)
         return active
 
+    def _derived_nodes(self) -> set[fx.Node]:
+        """Nodes computed from the input's values, differentiable or not (`y > 0.1` is): they have its batch
+        dimension. Shape queries (`x.shape`, `x.size(0)`) cut the flow: what is built from them is not per-sample."""
+        derived = {self.input}
+        for n in self.enc.nodes:
+            if n.op in ("call_function", "call_method", "call_module") and not _is_shape_query(n):
+                if any(a in derived for a in n.all_input_nodes):
+                    derived.add(n)
+        return derived
+
     def _needed(self) -> list[fx.Node]:
         """Active nodes on a path from the input to the logits: exactly those the decoder must reverse."""
         needed, todo = set(), [self.logits]
@@ -182,7 +224,7 @@ class Emitter:
 
     def _is_tuple_part(self, node: fx.Node) -> bool:
         return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
-                and node.args[0].target in rules.TUPLE_OPS)
+                and node.args[0].target in rules.TUPLE_OPS and isinstance(node.args[1], int))
 
     def _check_rules(self):
         missing = [n for n in self._needed() if n.op != "placeholder" and not self._is_tuple_part(n)
@@ -233,7 +275,7 @@ class Emitter:
                 grad_x = q
                 continue
             if self._is_tuple_part(node):  # part i of a split: collect it; the split's rule joins the parts
-                parts = cot.setdefault(node.args[0], {})
+                parts = cot.setdefault(node.args[0], {})  # keyed as written: -1 is resolved at run time
                 i = node.args[1]
                 parts[i] = q if i not in parts else parts[i] + q
                 continue
@@ -274,7 +316,8 @@ class Emitter:
             if not isinstance(n, fx.Node) or n not in self.active or not rules.is_layer(n.target, module(n)):
                 return False
             users = list(n.users)
-            return not (len(users) == 1 and isinstance(module(users[0]), nn.modules.batchnorm._BatchNorm))
+            return not (len(users) == 1 and (isinstance(module(users[0]), nn.modules.batchnorm._BatchNorm)
+                                             or users[0].target is F.batch_norm))
 
         self.eps_gates: dict[fx.Node, fx.Node] = {}  # activation node -> its layer output z
         self.eps_outputs: set[fx.Node] = set()
@@ -429,11 +472,13 @@ class Compiled:
     heatmap and gradient decoders, which saved values are batched, the rule set, and the snapshot of submodules."""
 
     def __init__(self, model: nn.Module, encoder: fx.Graph, decoder: fx.Graph, gradient_decoder: fx.Graph,
-                 batched: Sequence[bool], ruleset: rulesets.RuleSet, snapshot: _Snapshot):
+                 batched: Sequence[bool], ruleset: rulesets.RuleSet, snapshot: _Snapshot,
+                 input_shape: tuple | None = None):
         self.encoder = LiveGraph(model, encoder, "Encoder")
         self.decoder = LiveGraph(model, decoder, "Decoder")
         self.gradient_decoder = LiveGraph(model, gradient_decoder, "GradientDecoder")
         self.batched, self.rules, self.snapshot = tuple(batched), ruleset, snapshot
+        self.input_shape = input_shape  # None: every input shape; else the shape a specialised trace serves
         self._model_ref = weakref.ref(model)
 
     @property
@@ -443,12 +488,65 @@ class Compiled:
     def bind(self, model: nn.Module) -> "Compiled":
         """The same graphs, reading `model` (a copy of the compiled one)."""
         return Compiled(model, *(copy.deepcopy(g.graph) for g in (self.encoder, self.decoder, self.gradient_decoder)),
-                        self.batched, self.rules, self.snapshot.bind(model))
+                        self.batched, self.rules, self.snapshot.bind(model), self.input_shape)
+
+    def __reduce__(self):
+        # The graphs themselves (fx graphs pickle; their targets are importable functions), with the model they
+        # read: unpickled, they are bound to the unpickled model. Nothing is traced again.
+        graphs = (_picklable(g.graph) for g in (self.encoder, self.decoder, self.gradient_decoder))
+        return (_unpickle_compiled, (self.model, *graphs, self.batched, self.rules, sorted(self.snapshot.leaves),
+                                     self.snapshot.paths, self.input_shape))
 
     def stale(self, model: nn.Module) -> str | None:
         if self.model is not model:
             return "the module holds a different model than the one its graphs were compiled from"
         return self.snapshot.stale(model)
+
+
+class _FunctionRef:
+    """A node target pickled by where it can be imported from: torch's boolean-dispatch functions (F.max_pool2d)
+    are local objects pickle cannot name, though `torch.nn.functional.max_pool2d` finds them."""
+
+    def __init__(self, fn: Callable):
+        self.module, self.name = fn.__module__, fn.__name__
+
+    def __call__(self, *args, **kwargs):  # (only ever unpickled into the function itself)
+        return _import_function(self.module, self.name)(*args, **kwargs)
+
+    def __reduce__(self):
+        return (_import_function, (self.module, self.name))
+
+
+def _import_function(module: str, name: str) -> Callable:
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _picklable(graph: fx.Graph) -> fx.Graph:
+    """A copy of the graph whose node targets all pickle (copied node by node: the graph's lookup tables are keyed
+    by target)."""
+    src = copy.deepcopy(graph)
+    for node in src.nodes:
+        fn = node.target
+        if callable(fn) and "<locals>" in getattr(fn, "__qualname__", ""):
+            module, name = getattr(fn, "__module__", None), getattr(fn, "__name__", None)
+            try:
+                found = _import_function(module, name) if module and name else None
+            except ImportError:
+                found = None
+            if found is not fn:
+                raise TypeError(f"cannot pickle the compiled graph: node {node.name} calls {fn!r}, which is not "
+                                "importable by name")
+            node.target = _FunctionRef(fn)
+    out = fx.Graph()
+    out.output(out.graph_copy(src, {}))
+    return out
+
+
+def _unpickle_compiled(model, encoder, decoder, gradient_decoder, batched, ruleset, leaves, paths, input_shape):
+    return Compiled(model, encoder, decoder, gradient_decoder, batched, ruleset,
+                    _Snapshot(model, set(leaves), set(paths)), input_shape)
 
 
 class UnrolledOutput(NamedTuple):
@@ -572,6 +670,7 @@ class Unrolled(nn.Module):
     batched = property(lambda self: self.compiled.batched)
     rules = property(lambda self: self.compiled.rules)
     epsilon = property(lambda self: self.compiled.rules.epsilon)
+    input_shape = property(lambda self: self.compiled.input_shape)  # see compile(example=)
 
     def check(self) -> None:
         """Raise StaleModelError if the model changed in a way the compiled graphs cannot follow."""
@@ -643,15 +742,16 @@ class Unrolled(nn.Module):
         return new
 
     def __reduce__(self):
-        # Pickled as the model and the recipe; loading compiles again (graphs hold code, not data).
-        return (_recompile, (self.model, self.rules, self.classes_per_chunk, self.checkpoint, self.training))
+        # the model and its compiled graphs (see Compiled.__reduce__), the graphs rebound to the loaded model
+        return (_unpickle_unrolled, (self.model, self.compiled, self.classes_per_chunk, self.checkpoint,
+                                     self.training))
 
     def extra_repr(self) -> str:
         return f"rules={self.rules!r}"
 
 
-def _recompile(model, ruleset, classes_per_chunk, checkpoint, training):
-    net = compile(model, ruleset, classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
+def _unpickle_unrolled(model, compiled, classes_per_chunk, checkpoint, training):
+    net = Unrolled(model, compiled, classes_per_chunk, checkpoint)
     net.training = training  # (not .train(): the model's own modes were pickled with it)
     return net
 
@@ -675,6 +775,7 @@ def auto_chunk(seed: torch.Tensor, saved: tuple) -> int | None:
 
 def compile(model: nn.Module, rules: rulesets.RuleSet | str | None = None, *,
             classes_per_chunk: int | str | None = "auto", checkpoint: bool = False,
+            output: str | int | Callable | None = None, example: torch.Tensor | None = None,
             rule: str | None = None, epsilon: float | None = None) -> Unrolled:
     """Unroll a ReLU classifier into a module giving logits and all classes' heatmaps in one pass.
 
@@ -688,18 +789,23 @@ def compile(model: nn.Module, rules: rulesets.RuleSet | str | None = None, *,
         classes in one pass. "auto" (default): all at once on GPUs; on the CPU, chunks whose largest tensor stays
         under 24 MiB (see AUTO_CHUNK_BYTES: faster there, since big blocks page-fault on every call).
     checkpoint: recompute the decoder during backward instead of storing its activations (same gradients).
+    output: where the logits are in what forward() returns: a key or attribute name (output="logits" for a dict or a
+        transformers ModelOutput), an index into a tuple, or a callable taking the result.
+    example: an input tensor, needed only if forward() takes Python decisions from shapes (`if x.shape[-2] < 7`):
+        the graph is then specialised to the example's shape and refuses other shapes (`net.input_shape` says which
+        dims are fixed; None there = any size). Models that trace symbolically ignore it and serve every shape.
     """
     ruleset = _ruleset(rules, rule, epsilon)
     if not isinstance(model, nn.Module):
         raise TypeError(f"unroll.compile expects an nn.Module, got {type(model).__name__}")
-    graph = trace(model)
+    graph = trace(model, example, output)
     emitter = Emitter(model, graph, ruleset)
     heatmaps, gradients = emitter.emit()
     for g in (heatmaps, gradients):
         fold_channel_scales(g)
     snapshot = _snapshot(model, (graph, heatmaps, gradients))
     compiled = Compiled(model, *(_reroot(g) for g in (graph, heatmaps, gradients)), [b for _, b in emitter.saved],
-                        ruleset, snapshot)
+                        ruleset, snapshot, tracing.served_shape(graph))
     return Unrolled(model, compiled, classes_per_chunk, checkpoint)
 
 

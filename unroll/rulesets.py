@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import ops, rules
 
 __all__ = ["RuleSet", "ANY_ACTIVATION", "LRP0", "WS_AE", "TRAIN_BN", "PRESETS", "epsilon", "get",
-           "relu_on_signal", "train_batch_norm", "batch_norm_scale_with_grad"]
+           "relu_on_signal", "train_batch_norm", "train_batch_norm_function", "batch_norm_scale_with_grad"]
 
 
 class _Category:
@@ -244,6 +244,26 @@ def train_batch_norm(r):
     return ops.channel_scale(r.q, scale)
 
 
+def functional_batch_norm_scale_with_grad(z, running_var, weight, training, eps):
+    """`unroll.ops.functional_batch_norm_scale` with the batch variance left in the autograd graph."""
+    if training:
+        dims = [0] + list(range(2, z.dim()))
+        var = z.var(dim=dims, unbiased=False)
+    else:
+        var = running_var
+    scale = torch.rsqrt(var + eps)
+    return scale if weight is None else weight * scale
+
+
+def train_batch_norm_function(r):
+    """`train_batch_norm` for F.batch_norm (timm's BatchNormAct2d), from the call's own arguments."""
+    if r.derived(r.arg("running_var")) or r.derived(r.arg("weight")):
+        r.unsupported("batch-norm statistics or weight computed from the input")
+    scale = r.save(functional_batch_norm_scale_with_grad, r.x, r.arg("running_var"), r.arg("weight"),
+                   r.arg("training"), r.arg("eps"), name="bn_scale", batched=False)
+    return ops.channel_scale(r.q, scale)
+
+
 # ------------------------------------------------------------------------------------------------ presets
 
 LRP0 = RuleSet(name="lrp0", gradient=True)
@@ -255,7 +275,8 @@ the decoder's own signal; pooling indices, tied weights and the final multiplica
 
 # The exact classes (not _BatchNorm): SyncBatchNorm's batch variance spans processes, which z.var() would not see.
 TRAIN_BN = RuleSet({nn.BatchNorm1d: train_batch_norm, nn.BatchNorm2d: train_batch_norm,
-                    nn.BatchNorm3d: train_batch_norm}, name="train-bn", gradient=True)
+                    nn.BatchNorm3d: train_batch_norm, F.batch_norm: train_batch_norm_function},
+                   name="train-bn", gradient=True)
 """LRP0 with BatchNorm's batch variance kept in the autograd graph (same heatmaps); `rs | TRAIN_BN` adds it to any
 set."""
 

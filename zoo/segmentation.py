@@ -24,8 +24,8 @@ Heatmap scale: the heatmaps of the tied models are trained directly with cross-e
 (a temperature, stored as its log, initialised at ``init_scale``); see bench.digits' README section for what we
 measured.
 
-BatchNorm in the tied decoders (``bn_grad``, default True: ``unroll.rulesets.TRAIN_BN``): in train mode unroll's decoder scales the cotangent by
-gamma / sqrt(batch variance), the variance held constant (the heatmap is the gradient with frozen batch statistics).
+BatchNorm in the tied decoders (``bn_grad``, default True: ``unroll.rulesets.TRAIN_BN``): in train mode unroll's
+decoder scales the cotangent by gamma / sqrt(batch variance), the variance held constant (the heatmap is the gradient with frozen batch statistics).
 Held constant in the *training* gradient too, the weights learn as if they could grow the heatmaps freely while
 BatchNorm undoes it, and the running statistics fall behind. Measured on digit scenes (centered input, plain
 heatmaps, all scenes pixel-labelled, 100 steps): eval-mode test F1 fell from 0.91 to 0.003 (0.75 with the same
@@ -42,61 +42,18 @@ from torch import Tensor, nn
 
 import unroll
 import zoo
+from unroll.segmentation.classifier import PERTURBATIONS, ClassifierModel  # noqa: F401  (build("classifier"))
 from zoo import SegOutput
-from zoo.backbones import classifier_head, run_stages
 
 __all__ = ["MODEL_NAMES", "SEG_MODELS", "TIED", "build", "ClassifierModel", "UnrolledModel", "UNetModel", "WSAEModel"]
 
 SEG_MODELS = ("unrolled", "unrolled-eps", "unet", "mt-unet", "ws-ae", "fcn")
 MODEL_NAMES = ("classifier", *SEG_MODELS)
 TIED = ("unrolled", "unrolled-eps", "ws-ae")  # decoders compiled by unroll: heatmap per logit, chunks, checkpoint
-PERTURBATIONS = ("none", "gaussian", "binary")  # model-pert training of the classifier stage
-
-
-def _subset(x: Tensor, samples: Tensor | None) -> Tensor:
-    return x if samples is None else x[samples]
 
 
 def _empty(samples: Tensor | None) -> bool:
     return samples is not None and len(samples) == 0
-
-
-class ClassifierModel(nn.Module):
-    """The classifier alone: SegOutput(logits, None). Image-level training.
-
-    ``perturbation`` ("gaussian" sigma 0.15 of each image's range, "binary" keep-probability 0.9; see
-    ``unroll.attribution.perturb``) perturbs every training batch: the saliency-vs-CAM paper's "model-pert"
-    fine-tuning. The noise of call n is drawn from a generator seeded with (seed, rank, n), and n is part of the
-    state dict, so a resumed run draws exactly the noise an uninterrupted one would; ranks draw different noise.
-    Evaluation (``eval()``) never perturbs.
-    """
-
-    has_logits, has_seg = True, False
-
-    def __init__(self, classifier: nn.Module, perturbation: str = "none", seed: int = 0):
-        super().__init__()
-        if perturbation not in PERTURBATIONS:
-            raise ValueError(f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {perturbation!r}")
-        self.classifier = classifier
-        self.perturbation, self.seed, self.calls = perturbation, seed, 0
-
-    def forward(self, x: Tensor, samples: Tensor | None = None) -> SegOutput:
-        if self.training and self.perturbation != "none":
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            g = torch.Generator().manual_seed(hash((self.seed, rank, self.calls)) % 2**63)
-            self.calls += 1
-            x = unroll.attribution.perturb(x, self.perturbation, g)
-        return SegOutput(self.classifier(x), None)
-
-    # the noise counter travels with checkpoints (a Python int: no device tensor, no host sync to read it)
-    def get_extra_state(self) -> dict:
-        return {"calls": self.calls}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.calls = int(state.get("calls", 0))
-
-    def extra_repr(self) -> str:
-        return f"perturbation={self.perturbation!r}" if self.perturbation != "none" else ""
 
 
 class HeatmapScale(nn.Module):
@@ -170,11 +127,8 @@ class WSAEModel(_Tied):
 
 
 class UNetModel(nn.Module):
-    """zoo.UNet / MultiTaskUNet / FCN with the decoder run on the `samples` rows only.
-
-    Same modules and arithmetic as the zoo forward (checked in tests/test_train.py): the classifier's stages on the
-    whole batch, the classifier head on the deepest features (multitask), the zoo decoder on the chosen rows.
-    """
+    """zoo.UNet / MultiTaskUNet / FCN (their forward: the classifier's stages on the whole batch, the classifier head
+    on the deepest features (multitask), the decoder on the `samples` rows), kept as ``seg_model``."""
 
     has_seg = True
 
@@ -192,15 +146,7 @@ class UNetModel(nn.Module):
         return self.seg_model.classifier
 
     def forward(self, x: Tensor, samples: Tensor | None = None) -> SegOutput:
-        m = self.seg_model
-        features = run_stages(m.classifier, m.stages, x)
-        logits = None
-        if self.has_logits:
-            pool, fc = (m.classifier.get_submodule(path) for path in classifier_head(m.classifier))
-            logits = fc(torch.flatten(pool(features[-1]), 1))
-        if _empty(samples):
-            return SegOutput(logits, x.new_zeros(0, m.decoder.classify.out_channels, *x.shape[2:]))
-        return SegOutput(logits, m.decoder([_subset(f, samples) for f in features], x.shape[-2:]))
+        return self.seg_model(x, samples=samples)
 
 
 def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float = 1e-6,

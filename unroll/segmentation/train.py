@@ -9,7 +9,7 @@ a pure function of the step, checkpoints that hold everything the next step depe
     metrics = evaluate(model, test_set, num_classes=11)      # {"miou", "per_class", "f1"}
 
 Datasets are map-style and yield dicts ``{"image": (C, H, W) float, "mask": (H, W) long (255 = no label),
-"labels": (K,) multi-hot (background = column 0)}`` (extra keys are ignored). The model is a ``bench.models``
+"labels": (K,) multi-hot (background = column 0)}`` (extra keys are ignored). The model is a ``zoo.segmentation``
 module: ``model(x, samples=rows) -> SegOutput(logits (B, K) or None, seg (len(rows), K, H, W) or None)``.
 
 Batches. Every batch mixes ``round(pixel_fraction * batch_size)`` rows from ``pixel_set`` (pixel labels) with the rest
@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +51,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from bench.metrics import MultilabelF1, SegmentationIoU
-
 __all__ = [
     "IGNORE",
+    "SegOutput",
     "TrainConfig",
     "TrainResult",
     "BatchStream",
@@ -69,11 +68,20 @@ __all__ = [
     "train",
     "rng_state",
     "set_rng_state",
+    "stable_seed",
 ]
 
 IGNORE = 255
 CKPT_NAME = "ckpt.pt"
 _CKPT_FORMAT = "unroll-bench-train/1"
+
+
+class SegOutput(NamedTuple):
+    """What a model returns to the loop: class logits (B, K) (None for seg-only models) and maps (len(samples), K, H,
+    W) of the ``samples`` rows (None for the classifier alone)."""
+
+    logits: Tensor | None
+    seg: Tensor | None
 
 
 @dataclass
@@ -119,8 +127,13 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------------------------ batches
 
 
-def _seed_from(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+def stable_seed(*parts: int | str) -> int:
+    """One 32-bit seed from integers and strings, the same in every process (``hash(str)`` is salted per process,
+    so strings enter as their UTF-8 bytes); a pure function of ``parts``, e.g. ``stable_seed(seed, "classifier")``."""
+    ints: list[int] = []
+    for p in parts:
+        ints += list(p.encode()) if isinstance(p, str) else [int(p)]
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
 
 
 def collate(items: Sequence[dict]) -> dict[str, Tensor]:
@@ -188,7 +201,7 @@ class BatchStream(Dataset):
         for pos in range(step * per_step, (step + 1) * per_step):
             epoch = pos // size
             if epoch not in perms:
-                perms[epoch] = np.random.default_rng(_seed_from(self.seed, stream, epoch)).permutation(size)
+                perms[epoch] = np.random.default_rng(stable_seed(self.seed, stream, epoch)).permutation(size)
             out.append(int(perms[epoch][pos % size]))
         return out
 
@@ -196,7 +209,7 @@ class BatchStream(Dataset):
         r, w = self.rank, self.world
         with torch.random.fork_rng(devices=[]):
             # augmentation randomness, a function of the step (and of the shard when the batch is split)
-            torch.manual_seed(_seed_from(self.seed, 2, step) if w == 1 else _seed_from(self.seed, 2, step, r))
+            torch.manual_seed(stable_seed(self.seed, 2, step) if w == 1 else stable_seed(self.seed, 2, step, r))
             items = [self.pixel_set[i] for i in self.indices(0, step)[r::w]]
             image_items = [self.image_set[i] for i in self.indices(1, step)[r::w]]
         n_pixel = len(items)
@@ -339,6 +352,8 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
 
     device / amp_dtype / channels_last / num_workers: where batches go (the model must be there already), autocast
     dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32)."""
+    from .metrics import MultilabelF1, SegmentationIoU  # torchmetrics (an extra): needed here only
+
     was_training = model.training
     model.eval()
     # sync_on_compute=False: one process evaluates the whole set (under torch.distributed, rank 0 alone); without a
@@ -477,7 +492,7 @@ def train(
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt.get("format") != _CKPT_FORMAT:
-            raise ValueError(f"{ckpt_path} is not a bench.train checkpoint")
+            raise ValueError(f"{ckpt_path} is not an unroll.segmentation.train checkpoint")
         if ckpt["config"] != _cfg_dict(cfg):
             diff = {k: (ckpt["config"].get(k), v) for k, v in _cfg_dict(cfg).items() if ckpt["config"].get(k) != v}
             raise ValueError(f"{ckpt_path} was written with another config (saved, now): {diff}; "
