@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bench import runner
-from bench.cli import integer, number
+from bench.cli import Help, integer, number
 from unroll.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["main", "build_parser", "load_experiment", "parse_values", "parse_colors"]
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.folder", allow_abbrev=False,
                                 description="Semi-supervised segmentation on your own folder of images and masks.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    t = sub.add_parser("train", allow_abbrev=False, formatter_class=Help,
                        help="train on DATA's train split, evaluate on its test split",
                        description="Train one model on a folder data set (the bench.voc experiment on your data).")
     t.add_argument("data", help="the data folder (images/, masks/, ...)")
@@ -96,20 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_arguments(t, default_out="runs/folder", default_backbone="resnet18", default_steps=1000,
                          default_pretrain_steps=0, default_labels=10)
 
-    e = sub.add_parser("evaluate", allow_abbrev=False, help="score a checkpoint on a labelled split",
+    e = sub.add_parser("evaluate", allow_abbrev=False, formatter_class=Help, help="score a checkpoint on a labelled split",
                        description="Score a trained checkpoint on DATA's images with masks; writes a metrics JSON.")
-    e.add_argument("data")
+    e.add_argument("data", help="the data folder")
     e.add_argument("--checkpoint", required=True, help="a run's ckpt.pt")
     e.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
                    help="which images: the split the run used (DATA's splits/, or the run's seeded split), or all "
                         "images with masks")
     e.add_argument("--out", default=None, help="metrics JSON path (default: beside the checkpoint, eval_SPLIT.json)")
-    e.add_argument("--batch-size", type=integer(1), default=4)
+    e.add_argument("--batch-size", type=integer(1), default=4, help="full-image evaluation batch")
     e.add_argument("--skip-bad", action="store_true", help="leave out bad files (listed in the JSON)")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    q = sub.add_parser("predict", allow_abbrev=False, help="write predicted masks for images",
+    q = sub.add_parser("predict", allow_abbrev=False, formatter_class=Help, help="write predicted masks for images",
                        description="Predict masks (palette PNGs: pixel value = class index) for images or folders.")
     q.add_argument("images", nargs="+", help="image files or folders of images")
     q.add_argument("--checkpoint", required=True, help="a run's ckpt.pt")
@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each image's per-class maps: <stem>_maps.npy (float32 [K, H, W]) and a figure")
     q.add_argument("--no-overlay", action="store_true", help="skip overlay.png (predictions over the images)")
     q.add_argument("--skip-bad", action="store_true", help="leave out images that do not decode (listed)")
-    q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from bench.cli import class_chunks, integer, number
 from unroll.segmentation.train import stable_seed
+from unroll.segmentation.transforms import denormalize
 from zoo.segmentation import SEG_MODELS, TIED
 
 __all__ = ["MODELS", "Experiment", "add_arguments", "check", "run", "load_trained", "Progress",
@@ -72,14 +73,17 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
                    help="leave out the files the validation pass finds bad (listed in metrics.json) instead of "
                         "stopping with the list")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODELS, default="unrolled")
+    g.add_argument("--model", choices=MODELS, default="unrolled",
+                   help="segmentation model (see zoo.segmentation): tied heatmap decoders (unrolled, unrolled-eps, "
+                        "ws-ae) or free decoders on the classifier's stages (unet, mt-unet, fcn)")
     g.add_argument("--backbone", default=default_backbone,
                    help="torchvision classifier: resnet50, vgg16_bn, resnet18, ... (unet/mt-unet/fcn: ResNet or VGG)")
     g.add_argument("--weights", default="imagenet",
                    help="initial classifier weights: imagenet (torchvision's default, downloads), a PATH, or none")
     g.add_argument("--classifier", default=None,
                    help="a classifier already fine-tuned on this data (K outputs, state dict): skips the pretrain stage")
-    g.add_argument("--classifier-dir", default=None, help="where the pretrained classifier is cached (OUT/classifier)")
+    g.add_argument("--classifier-dir", default=None,
+                   help="where the pretrained classifier is cached (default: OUT/classifier)")
     g.add_argument("--heatmap-scale", type=_scale, default=1.0,
                    help="factor on the tied models' heatmaps before the CE (1 = the paper), or 'learn'")
     g.add_argument("--init-scale", type=number(0.0, True), default=1.0, help="initial value of a learnt scale")
@@ -104,21 +108,23 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
     g.add_argument("--pretrain-perturb", choices=("none", "gaussian", "binary"), default="none",
                    help="model-pert: train the classifier stage on perturbed inputs (gaussian sigma 0.15 of the "
                         "image's range, or binary pixel keep-probability 0.9)")
-    g.add_argument("--weight-decay", type=number(0.0, False), default=1e-4)
+    g.add_argument("--weight-decay", type=number(0.0, False), default=1e-4,
+                   help="AdamW weight decay (weights only, not biases / BatchNorm), both stages")
     g.add_argument("--seg-weight", type=number(0.0, False), default=1.0, help="weight of the pixel-wise CE")
     g.add_argument("--cls-weight", type=number(0.0, False), default=1.0, help="weight of the sigmoid CE")
     g.add_argument("--eval-every", type=integer(1), default=1000, help="checkpoint (and held-out evaluation) interval")
     g.add_argument("--eval-batch-size", type=integer(1), default=4, help="full-image evaluation batch")
     g = p.add_argument_group("run")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     g.add_argument("--amp", action="store_true", help="bf16 autocast")
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA (channels_last is the default)")
     g.add_argument("--workers", type=integer(0), default=None, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
-    g.add_argument("--seed", type=integer(0), default=0)
+    g.add_argument("--seed", type=integer(0), default=0,
+                   help="picks the labelled images, the held-out ones, initialisation and batch order")
     g.add_argument("--out", default=default_out, help="output folder")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run's checkpoint")
-    g.add_argument("--no-figures", action="store_true")
+    g.add_argument("--no-figures", action="store_true", help="skip OUT/predictions.png and OUT/evolution.png")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     g.add_argument("--stop-after", type=integer(1), default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     p.set_defaults(default_steps=default_steps, default_pretrain_steps=default_pretrain_steps)
@@ -356,12 +362,6 @@ class Progress:
 # ---------------------------------------------------------------------------------------------------------- figures
 
 
-def denorm(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(list(mean)).view(1, -1, 1, 1)
-    s = torch.tensor(list(std)).view(1, -1, 1, 1)
-    return (images.float().cpu() * s + m).clamp(0, 1)
-
-
 def predictions_figure(path, images, masks, pred, maps, title: str, classes: Sequence[str], palette: np.ndarray,
                        max_classes: int = 3) -> Path:
     """Rows = images (sequences of per-image tensors, sizes may differ); columns: image, ground truth, prediction,
@@ -373,12 +373,10 @@ def predictions_figure(path, images, masks, pred, maps, title: str, classes: Seq
     n = len(images)
     cols = 3 + max_classes
     fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.7 * n + 0.6), squeeze=False)
-    shown: set[int] = set()
     for i in range(n):
         m = masks[i].cpu().numpy()
         p = pred[i].cpu().numpy()
         valid = m != figures.IGNORE
-        shown |= set(np.unique(m[valid]).tolist()) | set(np.unique(p).tolist())
         axes[i, 0].imshow(figures._image(images[i]))
         axes[i, 1].imshow(figures.colorize(m, palette))
         axes[i, 2].imshow(figures.colorize(p, palette))
@@ -388,15 +386,13 @@ def predictions_figure(path, images, masks, pred, maps, title: str, classes: Seq
             if j < len(present) and maps is not None:
                 h = maps[i][present[j]].float().cpu().numpy()
                 lim = float(np.abs(h).max()) or 1.0
-                im = ax.imshow(h, cmap="bwr", vmin=-lim, vmax=lim)
+                figures.heatmap_colorbar(fig, ax.imshow(h, cmap="bwr", vmin=-lim, vmax=lim), ax)
                 ax.set_title(f"map: {classes[present[j]]}", fontsize=7)
-                cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-                cbar.ax.tick_params(labelsize=5)
         for ax in axes[i]:
             figures._off(ax)
     for j, name in enumerate(("image", "ground truth", "prediction")):
         axes[0, j].set_title(name, fontsize=8)
-    figures._legend(fig, sorted(k for k in shown if k < len(classes)), palette, classes)
+    figures._legend(fig, figures._present(*masks, *pred, num_classes=len(classes)), palette, classes)
     fig.suptitle(title, fontsize=9)
     return figures._save(fig, path)
 
@@ -436,8 +432,8 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def evaluate_and_write(model, dataset, num_classes: int, path: Path, summary: Callable[[dict], dict], *,
-                       batch_size: int, device, amp_dtype=None, channels_last=False, workers: int = 0
-                       ) -> tuple[dict, BaseException | None]:
+                       batch_size: int, device, amp_dtype=None, channels_last=False, workers: int = 0,
+                       progress: bool = False) -> tuple[dict, BaseException | None]:
     """Evaluate and write ``summary(metrics)`` to ``path``, always: when evaluation fails or is interrupted, the
     scores of the images done so far, ``"partial": true`` and the error. Returns (metrics, error or None)."""
     from unroll.segmentation.train import collate, evaluate
@@ -445,7 +441,7 @@ def evaluate_and_write(model, dataset, num_classes: int, path: Path, summary: Ca
     error = None
     try:
         metrics = evaluate(model, dataset, num_classes, batch_size, collate, device=device, amp_dtype=amp_dtype,
-                           channels_last=channels_last, num_workers=workers)
+                           channels_last=channels_last, num_workers=workers, progress=progress)
     except BaseException as err:  # noqa: B036 -- Ctrl-C too: write what we have, then re-raise at the caller
         metrics = getattr(err, "partial", None) or {"miou": None, "per_class": None, "f1": None, "images": 0}
         error = err
@@ -594,7 +590,8 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
 
         metrics, error = evaluate_and_write(model, exp.test, k, out / "metrics.json", summary,
                                             batch_size=args.eval_batch_size, device=device, amp_dtype=amp_dtype,
-                                            channels_last=channels_last, workers=min(workers, 2))
+                                            channels_last=channels_last, workers=min(workers, 2),
+                                            progress=not args.no_progress)
         if error is not None:
             console.print(f"[red]evaluation stopped[/] after {metrics.get('images')} of {len(exp.test)} images: "
                           f"{type(error).__name__}: {error}; wrote what it had to {out / 'metrics.json'} "
@@ -622,7 +619,7 @@ def _run_figures(args, exp: Experiment, model, result, evo, device, amp_dtype, o
     for it in items:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             preds.append(predict(model, it["image"][None].to(device)))
-    predictions_figure(out / "predictions.png", [denorm(it["image"][None], exp.mean, exp.std)[0] for it in items],
+    predictions_figure(out / "predictions.png", [denormalize(it["image"], exp.mean, exp.std) for it in items],
                        [it["mask"] for it in items], [p["pred"][0].cpu() for p in preds],
                        [p["seg"][0].float().cpu() for p in preds],
                        f"{args.model} ({args.backbone}), N={len(exp.labelled)}, {exp.evaluated_on}",
@@ -633,7 +630,7 @@ def _run_figures(args, exp: Experiment, model, result, evo, device, amp_dtype, o
             keep = sorted(set(np.linspace(0, len(snaps) - 1, 8).round().astype(int).tolist()))
             snaps = [snaps[i] for i in keep]
         small = F.interpolate(evo["mask"][:, None].float(), scale_factor=0.5, mode="nearest")[:, 0]
-        figures.evolution_figure(out / "evolution.png", denorm(F.avg_pool2d(evo["image"], 2), exp.mean, exp.std),
+        figures.evolution_figure(out / "evolution.png", denormalize(F.avg_pool2d(evo["image"], 2), exp.mean, exp.std),
                                  small.long(), [(s, h.float()) for s, h in snaps], list(exp.classes),
                                  title=f"{args.model} heatmaps during training (evaluation images)")
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import runner
-from bench.cli import integer
+from bench.cli import Help, integer
 from bench.runner import MODELS
 from unroll.segmentation.train import stable_seed
 from zoo.segmentation import TIED
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.voc",
         description="PASCAL VOC 2012 semi-supervised segmentation (the paper's Table 1 protocol), one run. "
                     "Writes OUT/metrics.json, OUT/history.jsonl and figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
     )
     g = p.add_argument_group("data")
     g.add_argument("--root", default="data", help="folder holding VOCdevkit/VOC2012 (torchvision's root)")

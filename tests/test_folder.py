@@ -354,3 +354,17 @@ def test_image_level_f1_of_a_two_class_task():
     f1.update(logits[2:], target[2:])
     tp, fp, fn = 1, 1, 1  # rows 0 / 2 / 1 of the object column
     assert float(f1.compute()) == pytest.approx(2 * tp / (2 * tp + fp + fn))
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+def test_every_flag_has_help(command, capsys):
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    missing = [a.option_strings[0] for a in parser._actions
+               if a.option_strings and a.help != argparse.SUPPRESS and not a.help]
+    assert missing == []
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "(default: None)" not in capsys.readouterr().out

@@ -232,6 +232,41 @@ def unstack(q, dim):
     return q.unbind(_feature_dim(dim, q.dim() - 1))
 
 
+def _feature_dims(dims, rank: int) -> list[int]:
+    return [_feature_dim(d, rank) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+
+
+@graph_op
+def flip_back(q, dims):
+    """Transpose of flip: the same flip (an involution)."""
+    return q.flip(_feature_dims(dims, q.dim() - 1))
+
+
+@graph_op
+def roll_back(q, shifts, dims):
+    """Transpose of roll: roll back by the opposite shifts."""
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        raise RuntimeError("roll without dims rolls the flattened tensor, batch included; pass dims=")
+    shifts = [-s for s in (shifts if isinstance(shifts, (tuple, list)) else (shifts,))]
+    return q.roll(shifts, _feature_dims(dims, q.dim() - 1))
+
+
+@graph_op
+def movedim_back(q, source, destination):
+    """Transpose of movedim(source, destination): move the dims back."""
+    rank = q.dim() - 1
+    return q.movedim(_feature_dims(destination, rank), _feature_dims(source, rank))
+
+
+@graph_op
+def narrow_back(q, dim, start, in_shape):
+    """Transpose of narrow(dim, start, length): zeros of x's shape with q written into the window."""
+    d = _feature_dim(dim, len(in_shape))
+    out = q.new_zeros(*q.shape[:2], *in_shape[1:])
+    out.narrow(d, start % in_shape[d - 1], q.shape[d]).copy_(q)
+    return out
+
+
 @graph_op
 def split_back(q, shapes, dim):
     """Transpose of cat: cut q at the inputs' sizes along the concatenated dim."""
@@ -381,6 +416,36 @@ def part_shapes(parts):
 def inside(a, lo, hi):
     """The gate of clamp(z, lo, hi), read off its output: lo < a < hi iff lo < z < hi."""
     return (a > lo) & (a < hi)
+
+
+def cast_source(x, y):
+    """What the transpose of a cast needs: x's dtype and device (the cotangent goes back to them)."""
+    if not y.is_floating_point():
+        raise RuntimeError(f"unroll: a cast of an input-dependent tensor to {y.dtype} (no gradient flows through it)")
+    return x.dtype, x.device
+
+
+@graph_op
+def cast_back(q, source):
+    dtype, device = source
+    return q.to(device=device, dtype=dtype)
+
+
+@graph_op
+def masked(q, condition, keep: bool):
+    """The transpose of one side of torch.where(condition, a, b): q where that side was chosen, else 0."""
+    zero = q.new_zeros(())
+    return torch.where(condition, q, zero) if keep else torch.where(condition, zero, q)
+
+
+def clamp_gate(z, lo, hi):
+    """The gate of clamp(z, lo, hi) as autograd defines it: lo < z < hi, bounds excluded (None: no bound)."""
+    gate = torch.ones_like(z, dtype=torch.bool)
+    if lo is not None:
+        gate &= z > lo
+    if hi is not None:
+        gate &= z < hi
+    return gate
 
 
 def batch_norm_scale(z: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.Tensor:

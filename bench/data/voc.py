@@ -35,7 +35,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import VOCDetection, VOCSegmentation
 from torchvision.transforms.v2 import functional as F
 
-from unroll.segmentation import sampling
+from unroll.segmentation import sampling, transforms
 from unroll.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomScale, make_transform  # noqa: F401
 
 CLASSES = (
@@ -374,6 +374,12 @@ def pad_collate(batch: list[dict]) -> dict:
         "has_mask": torch.tensor([bool(item["has_mask"]) for item in batch]),
         "id": [item["id"] for item in batch],
     }
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Images as the transforms give them (ImageNet-normalised, (..., 3, H, W)) back in [0, 1], on the CPU, for
+    figures: the inverse of ``make_transform``'s ``v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)``."""
+    return transforms.denormalize(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ------------------------------------------------------------------------------------------------------ validation

@@ -7,7 +7,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IGNORE", "RandomScale", "make_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IGNORE", "RandomScale", "make_transform", "denormalize"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,3 +48,11 @@ def make_transform(train: bool, image_size: int | tuple[int, int] = 320, scale=(
         v2.ToDtype(torch.float32, scale=True),  # images only; masks keep their integer labels
         v2.Normalize(list(mean), list(std)),
     ])
+
+
+def denormalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Normalised images ((..., C, H, W)) back in [0, 1], on the CPU, for figures: the inverse of
+    ``make_transform``'s ``v2.Normalize(mean, std)``."""
+    m = torch.tensor(list(mean)).view(-1, 1, 1)
+    s = torch.tensor(list(std)).view(-1, 1, 1)
+    return (images.float().cpu() * s + m).clamp(0, 1)
