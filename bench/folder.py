@@ -49,7 +49,8 @@ def parse_values(text: str) -> dict[str, str]:
 
 
 def parse_colors(text: str) -> dict[str, str]:
-    """'#ff0000=cat,0,0,0=background' is ambiguous; colours are '#rrggbb' here: '#000000=background,#ff0000=cat'."""
+    """'#000000=background,#ff0000=cat' -> {"#000000": "background", "#ff0000": "cat"} (colours as #rrggbb: an
+    'r,g,b' colour would collide with the comma between pairs; dataset.json takes both spellings)."""
     out = {}
     for part in text.split(","):
         if "=" not in part or not part.strip().startswith("#"):
