@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape  # messages hold paths and '[role]' tags, never markup
 
 from bench import runner
 from bench.cli import Help, integer, number
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_arguments(t, default_out="runs/folder", default_backbone="resnet18", default_steps=1000,
                          default_pretrain_steps=0, default_labels=10)
 
-    e = sub.add_parser("evaluate", allow_abbrev=False, formatter_class=Help, help="score a checkpoint on a labelled split",
+    e = sub.add_parser("evaluate", allow_abbrev=False, formatter_class=Help,
+                       help="score a checkpoint on a labelled split",
                        description="Score a trained checkpoint on DATA's images with masks; writes a metrics JSON.")
     e.add_argument("data", help="the data folder")
     e.add_argument("--checkpoint", required=True, help="a run's ckpt.pt")
@@ -273,8 +275,8 @@ def evaluate_command(args, console) -> int:
     metrics, error = runner.evaluate_and_write(model, dataset, k, out, summary, batch_size=args.batch_size,
                                                device=device)
     if error is not None:
-        console.print(f"[red]evaluation stopped[/]: {type(error).__name__}: {error}; wrote the partial scores to "
-                      f"{out}", highlight=False)
+        console.print(f"[red]evaluation stopped[/]: {type(error).__name__}: {escape(str(error))}; wrote the partial "
+                      f"scores to {out}", highlight=False)
         return 130 if isinstance(error, KeyboardInterrupt) else 1
     console.print(f"mIoU {100 * metrics['miou']:.2f} on {len(ids)} images ({args.split}); wrote {out}",
                   highlight=False)
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         return runner.report_problems(err, console, skip_hint=not args.skip_bad)
     except (FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
 
 

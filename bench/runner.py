@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.markup import escape  # messages hold paths and '[role]' tags, never markup
 
 from bench.cli import class_chunks, integer, number
 from unroll.segmentation.train import stable_seed
@@ -81,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
     g.add_argument("--weights", default="imagenet",
                    help="initial classifier weights: imagenet (torchvision's default, downloads), a PATH, or none")
     g.add_argument("--classifier", default=None,
-                   help="a classifier already fine-tuned on this data (K outputs, state dict): skips the pretrain stage")
+                   help="a classifier already fine-tuned on this data (K outputs, state dict): skips the pretrain "
+                        "stage")
     g.add_argument("--classifier-dir", default=None,
                    help="where the pretrained classifier is cached (default: OUT/classifier)")
     g.add_argument("--heatmap-scale", type=_scale, default=1.0,
@@ -219,7 +221,7 @@ class Experiment:
 
 def report_problems(err, console, skip_hint: bool = True) -> int:
     """Print a DataError (every bad file) and return the exit code 2."""
-    console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     if skip_hint:
         console.print("fix or remove these files, or rerun with --skip-bad to leave them out of the run",
                       highlight=False)
@@ -471,7 +473,7 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
     out = Path(args.out)
     message = check_out_dir(args)
     if message is not None:
-        console.print(f"[red]error:[/] {message}", highlight=False)
+        console.print(f"[red]error:[/] {escape(message)}", highlight=False)
         return 2
     try:
         exp = load(args, rank=rank, world=world, console=console)
@@ -480,14 +482,14 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
     except (FileNotFoundError, ValueError, KeyError) as err:
         if parser is not None and isinstance(err, ValueError) and not isinstance(err, DataError):
             parser.error(str(err))
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
     k = exp.num_classes
     try:
         check_model_builds(args, k)
     except Exception as err:  # unknown backbone, a model the compiler rejects
         if isinstance(err, (ValueError, unroll.UnsupportedModelError, RuntimeError, KeyError)):
-            console.print(f"[red]error:[/] {type(err).__name__}: {err}", highlight=False)
+            console.print(f"[red]error:[/] {type(err).__name__}: {escape(str(err))}", highlight=False)
             return 2
         raise
     if rank == 0:
@@ -594,8 +596,8 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
                                             progress=not args.no_progress)
         if error is not None:
             console.print(f"[red]evaluation stopped[/] after {metrics.get('images')} of {len(exp.test)} images: "
-                          f"{type(error).__name__}: {error}; wrote what it had to {out / 'metrics.json'} "
-                          "(\"partial\": true)", highlight=False)
+                          f"{type(error).__name__}: {escape(str(error))}; wrote what it had to "
+                          f"{out / 'metrics.json'} (\"partial\": true)", highlight=False)
             return 130 if isinstance(error, KeyboardInterrupt) else 1
         if not args.no_figures:
             try:

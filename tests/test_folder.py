@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from bench import folder as cli
-from bench.data.fake_folder import CLASSES, MASK_COLOURS, VALUES, make_fake_folder
+from bench.data.fake_folder import CLASSES, make_fake_folder
 from unroll.segmentation import folder
 from unroll.segmentation.folder import FolderSpec, MaskReader
 from unroll.segmentation.validate import DataError
@@ -214,6 +214,7 @@ def test_bad_files_are_all_reported_before_training(tmp_path, capsys):
                        (f"masks/{test_ids[1]}.png", "37"), ("images/img013.jpg", "truncated")):
         assert path in text, path
         assert what in text.split(path, 1)[1][:200], (path, what)
+    assert f"masks/{test_ids[1]}.png: label value(s) 37" in text and "[test]" in text  # the role is shown
     assert not (out / "ckpt.pt").exists() and not (out / "classifier").exists()
 
     assert cli.main(train_flags(root, out, "unrolled", "--test-fraction", "0.34", "--skip-bad", "--no-figures")) == 0

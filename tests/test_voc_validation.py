@@ -14,7 +14,7 @@ from PIL import Image
 
 from bench import voc as cli
 from bench.data import voc
-from bench.data.fake_voc import make_fake_voc, write_voc_sample
+from bench.data.fake_voc import make_fake_voc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -147,7 +147,8 @@ def check_item(item: Item, read_mask: Callable[[Path], np.ndarray] | None, num_c
 
 
 def validate(items: Iterable[Item], read_mask: Callable[[Path], np.ndarray] | None, num_classes: int, *,
-             read_image: Callable[[Path], object] = open_image, workers: int | None = None, show_progress: bool = True, console=None,
+             read_image: Callable[[Path], object] = open_image, workers: int | None = None,
+             show_progress: bool = True, console=None,
              description: str = "checking data") -> Checked:
     """:func:`check_item` on every item (threads: PIL decodes without holding the GIL), with a rich progress bar
     when ``show_progress``. Items sharing an image (or mask) path are checked once per item (cheap to dedupe at the
