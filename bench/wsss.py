@@ -16,11 +16,11 @@ trains classifiers only on digits). Model-pert rows on VOC: train the classifier
 Pipeline: classifier (a checkpoint, or `train_tensor_classifier` here, cached as OUT/classifier.pt) -> for each
 method, the maps of each test image's positive classes (the image labels are known: weak supervision), from
 `unroll.attribution` (CAM; vanilla saliency; input x gradient; SmoothGrad, BinaryMask, random crops / patches,
-discriminative crops / patches, all batched through the unrolled decoder) and from "model-pert" classifiers (the classifier fine-tuned with
-`perturb` noise, then vanilla saliency; plus a control fine-tuned without noise) -> each background resolve of
-`unroll.segmentation.resolve` (basic and smooth at the best threshold of the 0.01..0.50 sweep, superpixel at
-0.3) -> `unroll.segmentation.wsss_metrics`. DR / NDR are the ground-truth pixels where the base classifier's CAM of
-their class is >= / < 0.25, the same regions for every method.
+discriminative crops / patches, all batched through the unrolled decoder) and from "model-pert" classifiers (the
+classifier fine-tuned with `perturb` noise, then vanilla saliency; plus a control fine-tuned without noise) -> each
+background resolve of `unroll.segmentation.resolve` (basic and smooth at the best threshold of the 0.01..0.50 sweep,
+superpixel at 0.3) -> `unroll.segmentation.wsss_metrics`. DR / NDR are the ground-truth pixels where the base
+classifier's CAM of their class is >= / < 0.25, the same regions for every method.
 
 Writes to OUT: results.json (everything, including the sweeps and timings), results.md (the tables), panel_<method>.png
 (image, GT, CAM, saliency, the method's map, its three resolved masks), hyperplanes.png (the CAM / saliency scatter of
