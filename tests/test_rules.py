@@ -418,3 +418,16 @@ def test_clamp_gate_on_the_bounds_is_autograds():
     x[:, :, :2] = 1.0
     x[:, :, -1] = 0.0
     assert_matches_autograd(model, x)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: x.transpose(0, 1).relu().transpose(1, 0),
+    lambda s, x: torch.swapaxes(x, -4, 1).relu().swapaxes(1, 0),
+    lambda s, x: x.flip(0),
+    lambda s, x: x.mean(0, keepdim=True).expand_as(x) + x,
+], ids=["transpose", "swapaxes_negative", "flip", "mean"])
+def test_ops_along_the_batch_dim_are_refused(fn):
+    """An op along the batch dim mixes samples: a clear error when the decoder runs, never a silent answer."""
+    model, x = body_model(fn)
+    with pytest.raises(RuntimeError, match="batch"):
+        unroll.compile(model)(torch.randn(3, 3, 7, 6, dtype=torch.double))

@@ -237,6 +237,13 @@ def _feature_dims(dims, rank: int) -> list[int]:
 
 
 @graph_op
+def transpose_back(q, dim0, dim1):
+    """Transpose of transpose(dim0, dim1): the same swap of feature dims (swapping the batch dim is refused)."""
+    rank = q.dim() - 1
+    return q.transpose(_feature_dim(dim0, rank), _feature_dim(dim1, rank))
+
+
+@graph_op
 def flip_back(q, dims):
     """Transpose of flip: the same flip (an involution)."""
     return q.flip(_feature_dims(dims, q.dim() - 1))

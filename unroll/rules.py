@@ -512,8 +512,7 @@ def repeat(r):
 @rule(torch.transpose, "transpose", "transpose_", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
 def transpose(r):
     names = ("axis0", "axis1") if "axis0" in (r.kw or {}) else ("dim0", "dim1")
-    d0, d1 = (r.arg(n) for n in names)
-    return r.q.transpose(*(d + 1 if d >= 0 else d for d in (d0, d1)))
+    return ops.transpose_back(r.q, *(r.arg(n) for n in names))
 
 
 @rule(torch.flip, "flip")
