@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from zoo import segmentation as bench_models
-from bench.cli import integer, number
+from bench.cli import Help, integer, number
 from zoo.segmentation import TIED  # models whose maps are heatmaps of the classifier
 from unroll.segmentation.classifier import train_classifier
 from unroll.segmentation.train import TrainConfig, evaluate, predict, stable_seed, train
@@ -113,21 +113,12 @@ def _scale(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--heatmap-scale takes a positive number or 'learn', got {text!r}") from None
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one and the help does not already say it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.digits",
         description="Unrolled heatmap models vs U-Nets on handwritten digit scenes with few pixel labels "
                     "(the paper's experiment, offline, CPU). Writes OUT/results.json, OUT/results.md, OUT/*.png.",
-        formatter_class=_Help,
+        formatter_class=Help,
     )
     g = p.add_argument_group("data")
     g.add_argument("--source", choices=("sklearn", "mnist"), default="sklearn",

@@ -260,14 +260,6 @@ def build_classifier(config: dict) -> nn.Module:
     return zoo.classifier(config["arch"], config["num_classes"], in_channels=config["in_channels"], **kw)
 
 
-def _state_dict(obj) -> dict:
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
-
-
 def infer_config(state: dict, arch: str | None = None) -> dict:
     """A classifier config from a state dict: SmallVGG (conv + BN in `features`) or PlainConvNet (conv only), or the
     torchvision `arch` given, with the class count and input channels read off the weights."""
@@ -294,7 +286,9 @@ def infer_config(state: dict, arch: str | None = None) -> dict:
 def load_classifier(path: str | Path, arch: str | None = None) -> tuple[nn.Module, dict]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
     config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
-    state = _state_dict(obj)
+    from zoo.backbones import checkpoint_state
+
+    state = checkpoint_state(obj)
     config = config or infer_config(state, arch)
     model = build_classifier(config)
     model.load_state_dict(state)

@@ -325,6 +325,15 @@ def test_evaluate_reports_miou_and_f1():
     assert T.evaluate(build("classifier"), Toy(5), K)["miou"] is None
 
 
+def test_evaluate_reports_progress_per_image():
+    model, data = build("unrolled"), Toy(5)
+    calls = []
+    res = T.evaluate(model, data, K, batch_size=2, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    assert res == T.evaluate(model, data, K, batch_size=2)  # the default is silent, and the numbers are the same
+    assert T.evaluate(model, data, K, batch_size=2, progress=True) == res  # the rich bar
+
+
 # ------------------------------------------------------------------------------------------------------- model-pert
 
 

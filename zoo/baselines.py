@@ -2,12 +2,9 @@
 
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import unroll
-from unroll import rules
 
 from zoo import SegOutput
 from zoo.backbones import encoder_stages, run_stages
@@ -34,21 +31,16 @@ class FCN(nn.Module):
         return SegOutput(None, decode_samples(self.decoder, features, x, samples))
 
 
-def _relu_on_signal(r):
-    """WS-AE: the decoder applies its own ReLU to the signal instead of the encoder's gates [z > 0]."""
-    return F.relu(r.q)
-
-
 class WSAE(nn.Module):
     """Weight-shared autoencoder: the unrolled decoder (tied transposed convs, the encoder's pool indices, the
-    per-class bottleneck and the final multiplication with x) with every tied gate replaced by a ReLU on the
-    decoder's own signal. It isolates what the gates add. Returns logits and per-class maps like the unrolled model.
+    per-class bottleneck and the final multiplication with x) with every tied gate (ReLU, LeakyReLU, ReLU6, Hardtanh)
+    replaced by a ReLU on the decoder's own signal (``unroll.rulesets.WS_AE``). It isolates what the gates add.
+    Returns logits and per-class maps like the unrolled model.
     """
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
-        overrides = {op: _relu_on_signal for op, rule in rules.RULES.items() if rule is rules.relu}
-        self.net = unroll.compile(classifier, overrides=overrides)
+        self.net = unroll.compile(classifier, rules=unroll.rulesets.WS_AE)
 
     def forward(self, x: Tensor, samples: Tensor | None = None) -> SegOutput:
         out = self.net(x, samples=samples)

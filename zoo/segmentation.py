@@ -24,8 +24,8 @@ Heatmap scale: the heatmaps of the tied models are trained directly with cross-e
 (a temperature, stored as its log, initialised at ``init_scale``); see bench.digits' README section for what we
 measured.
 
-BatchNorm in the tied decoders (``bn_grad``, default True): in train mode unroll's decoder scales the cotangent by
-gamma / sqrt(batch variance), the variance held constant (the heatmap is the gradient with frozen batch statistics).
+BatchNorm in the tied decoders (``bn_grad``, default True: ``unroll.rulesets.TRAIN_BN``): in train mode unroll's
+decoder scales the cotangent by gamma / sqrt(batch variance), the variance held constant (the heatmap is the gradient with frozen batch statistics).
 Held constant in the *training* gradient too, the weights learn as if they could grow the heatmaps freely while
 BatchNorm undoes it, and the running statistics fall behind. Measured on digit scenes (centered input, plain
 heatmaps, all scenes pixel-labelled, 100 steps): eval-mode test F1 fell from 0.91 to 0.003 (0.75 with the same
@@ -76,34 +76,13 @@ class HeatmapScale(nn.Module):
         return "learnable" if self.learn else f"{self.value:g}"
 
 
-def batch_norm_scale(z: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
-    """unroll's BatchNorm decoder scale gamma / sqrt(var + eps), same value, but in train mode the batch variance
-    stays in the autograd graph: the training gradient then includes how the weights move the batch statistics."""
-    if bn.training or bn.running_var is None:
-        dims = [0] + list(range(2, z.dim()))
-        var = z.var(dim=dims, unbiased=False)
-    else:
-        var = bn.running_var
-    scale = torch.rsqrt(var + bn.eps)
-    return scale if bn.weight is None else bn.weight * scale
-
-
-def _batch_norm_rule(r):
-    scale = r.save(batch_norm_scale, r.x, r.module_ref(), name="bn_scale", batched=False)
-    return unroll.ops.channel_scale(r.q, scale)
-
-
-def _overrides(bn_grad: bool, gates: bool = True) -> dict:
-    out = {}
-    if bn_grad:
-        out.update({op: _batch_norm_rule for op, rule in unroll.rules.RULES.items() if rule is unroll.rules.batch_norm})
-    if not gates:  # WS-AE: the decoder's own ReLU instead of the encoder's gates
-        out.update({op: _relu_on_signal for op, rule in unroll.rules.RULES.items() if rule is unroll.rules.relu})
-    return out
-
-
-def _relu_on_signal(r):
-    return torch.relu(r.q)
+def tied_rules(rule: str = "lrp0", epsilon: float = 1e-6, bn_grad: bool = True) -> unroll.rulesets.RuleSet:
+    """The rule set of a tied model: "lrp0" (input x gradient), "epsilon" (LRP-epsilon) or "ws-ae" (ReLU on the
+    signal for every gate), with BatchNorm's batch variance in the autograd graph if `bn_grad` (see above)."""
+    sets = {"lrp0": unroll.rulesets.LRP0, "epsilon": unroll.rulesets.epsilon(epsilon), "ws-ae": unroll.rulesets.WS_AE}
+    if rule not in sets:
+        raise ValueError(f"rule={rule!r}: expected one of {', '.join(sets)}")
+    return sets[rule] | unroll.rulesets.TRAIN_BN if bn_grad else sets[rule]
 
 
 class _Tied(nn.Module):
@@ -130,7 +109,7 @@ class UnrolledModel(_Tied):
                  heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
                  classes_per_chunk: int | str | None = "auto", checkpoint: bool = False):
         super().__init__()
-        self.net = unroll.compile(classifier, rule=rule, epsilon=epsilon, overrides=_overrides(bn_grad),
+        self.net = unroll.compile(classifier, rules=tied_rules(rule, epsilon, bn_grad),
                                   classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
         self.scale = HeatmapScale(heatmap_scale, init_scale)
 
@@ -142,7 +121,7 @@ class WSAEModel(_Tied):
                  bn_grad: bool = True, classes_per_chunk: int | str | None = "auto", checkpoint: bool = False):
         super().__init__()
         # zoo.WSAE's decoder (gates -> ReLU on the signal), compiled here so the BatchNorm rule can be chosen too.
-        self.net = unroll.compile(classifier, overrides=_overrides(bn_grad, gates=False),
+        self.net = unroll.compile(classifier, rules=tied_rules("ws-ae", bn_grad=bn_grad),
                                   classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
         self.scale = HeatmapScale(heatmap_scale, init_scale)
 

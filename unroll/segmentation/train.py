@@ -34,6 +34,7 @@ ends bit-identical to a run that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -345,13 +346,16 @@ def same_size_groups(batch: dict) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 64,
              collate_fn: Callable = collate, background: int = 0, classify: bool = True,
              device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, num_workers: int = 0) -> dict:
+             channels_last: bool = False, num_workers: int = 0,
+             progress: bool | Callable[[int, int], None] = False) -> dict:
     """mIoU and per-class IoU of argmax(seg) on ``dataset`` (255 ignored), and image-level macro F1 (background
     excluded, logit > 0) of the model's logits -- or, for seg-only models, of ``model.classifier`` (so a U-Net's
     encoder drift shows as a change in the classifier it shares). Runs in eval mode, restores the mode after.
 
     device / amp_dtype / channels_last / num_workers: where batches go (the model must be there already), autocast
-    dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32)."""
+    dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32).
+    progress: True shows a rich progress bar (images done, time left), a callable gets (images done, total) after
+    every batch; full-image evaluation on a CPU can take hours, and the default (False) is silent."""
     from .metrics import MultilabelF1, SegmentationIoU  # torchmetrics (an extra): needed here only
 
     was_training = model.training
@@ -362,7 +366,7 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     f1 = MultilabelF1(num_classes, background_index=background, sync_on_compute=False)
     if device is not None:
         iou, f1 = iou.to(device), f1.to(device)
-    has_seg = has_cls = False
+    seen = {"seg": False, "cls": False}
     try:
         # generator=: a DataLoader otherwise draws its base seed from the global RNG (and resume would drift)
         batches = size_batches(dataset, batch_size)
@@ -370,28 +374,54 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
                             pin_memory=device is not None and torch.device(device).type == "cuda",
                             **({"batch_size": batch_size, "shuffle": False} if batches is None
                                else {"batch_sampler": batches}))
-        for batch in loader:
-            batch = _to_device(batch, device, channels_last)
-            for x, mask, labels in same_size_groups(batch):
-                with _autocast(device, amp_dtype):
-                    out = model(x)
-                    logits = _classifier_logits(model, x, out) if classify else out.logits
-                if out.seg is not None:
-                    iou.update(out.seg.argmax(1), mask)
-                    has_seg = True
-                if logits is not None:
-                    f1.update(logits.float(), labels)
-                    has_cls = True
+        with _progress_bar(progress, len(dataset)) as advance:
+            for batch in loader:
+                batch = _to_device(batch, device, channels_last)
+                _eval_batch(model, batch, iou, f1, classify, device, amp_dtype, seen)
+                advance(len(batch["image"]))
     finally:
         model.train(was_training)
     result: dict[str, Any] = {"miou": None, "per_class": None, "f1": None}
-    if has_seg:
+    if seen["seg"]:
         r = iou.compute()
         result["miou"] = float(r["miou"])
         result["per_class"] = [None if math.isnan(v) else float(v) for v in r["per_class"].tolist()]
-    if has_cls:
+    if seen["cls"]:
         result["f1"] = float(f1.compute())
     return result
+
+
+def _eval_batch(model, batch, iou, f1, classify, device, amp_dtype, seen) -> None:
+    for x, mask, labels in same_size_groups(batch):
+        with _autocast(device, amp_dtype):
+            out = model(x)
+            logits = _classifier_logits(model, x, out) if classify else out.logits
+        if out.seg is not None:
+            iou.update(out.seg.argmax(1), mask)
+            seen["seg"] = True
+        if logits is not None:
+            f1.update(logits.float(), labels)
+            seen["cls"] = True
+
+
+@contextlib.contextmanager
+def _progress_bar(progress: bool | Callable[[int, int], None], total: int):
+    """Yields advance(n): a rich bar when progress is True, progress(done, total) when it is a callable."""
+    done = [0]
+    if callable(progress):
+        def advance(n):
+            done[0] += n
+            progress(done[0], total)
+        yield advance
+    elif progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                      TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task("evaluate", total=total)
+            yield lambda n: bar.advance(task, n)
+    else:
+        yield lambda n: None
 
 
 @torch.no_grad()
