@@ -56,3 +56,24 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=integer(1), help="torch CPU threads (default: torch's choice). On a CPU shared "
+                                                      "with other jobs, 1 is often faster: small ops stall on OpenMP "
+                                                      "barriers")
+
+
+def set_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def progress_bar(console):
+    """The rich progress bar of the saliency experiments (bench.wsss, bench.window): description, bar, n/N, time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)

@@ -373,9 +373,11 @@ def test_functional_batch_norm_training_holds_batch_variance_like_the_module_rul
     assert ours.abs().max() > 0
 
 
-def test_channel_dropout_in_train_mode_reuses_the_forward_mask():
+@pytest.mark.parametrize("body", [nn.Dropout2d(0.5), Lambda(lambda s, y: F.dropout2d(y, 0.5, training=True))],
+                         ids=["module", "functional"])
+def test_channel_dropout_in_train_mode_reuses_the_forward_mask(body):
     """Dropout2d drops whole channels: the decoder's mask is the forward's, one bit per (sample, channel)."""
-    model = randomize(Net(nn.Dropout2d(0.5)))
+    model = randomize(Net(body))
     model.train()
     net = unroll.compile(model)
     x = torch.randn(3, 3, 5, 4, dtype=torch.double)
@@ -418,3 +420,26 @@ def test_clamp_gate_on_the_bounds_is_autograds():
     x[:, :, :2] = 1.0
     x[:, :, -1] = 0.0
     assert_matches_autograd(model, x)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: x.transpose(0, 1).relu().transpose(1, 0),
+    lambda s, x: torch.swapaxes(x, -4, 1).relu().swapaxes(1, 0),
+    lambda s, x: x.flip(0),
+    lambda s, x: x.mean(0, keepdim=True).expand_as(x) + x,
+], ids=["transpose", "swapaxes_negative", "flip", "mean"])
+def test_ops_along_the_batch_dim_are_refused(fn):
+    """An op along the batch dim mixes samples: a clear error when the decoder runs, never a silent answer."""
+    model, x = body_model(fn)
+    with pytest.raises(RuntimeError, match="batch"):
+        unroll.compile(model)(torch.randn(3, 3, 7, 6, dtype=torch.double))
+
+
+def test_one_constant_used_twice_compiles():
+    """A computed constant used by two ops is saved twice under one name (`const_mul`): the decoder's argument
+    names must stay unique (it was a SyntaxError)."""
+    def twice(s, y):
+        c = s.w * 2.0
+        return y * c + (y * 3.0) * c
+
+    assert_matches_autograd(*body_model(twice, w=nn.Parameter(torch.rand(1, 6, 1, 1, dtype=torch.double))))

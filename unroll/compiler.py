@@ -250,6 +250,7 @@ class Emitter:
         else:
             with self.dec.inserting_after(self._last_placeholder):
                 node = self.dec.placeholder(name)
+        node.target = node.name  # the argument name is the target: two saves under one name would not compile
         self._last_placeholder = node
         return fx.Proxy(node, self.tracer)
 

@@ -237,6 +237,13 @@ def _feature_dims(dims, rank: int) -> list[int]:
 
 
 @graph_op
+def transpose_back(q, dim0, dim1):
+    """Transpose of transpose(dim0, dim1): the same swap of feature dims (swapping the batch dim is refused)."""
+    rank = q.dim() - 1
+    return q.transpose(_feature_dim(dim0, rank), _feature_dim(dim1, rank))
+
+
+@graph_op
 def flip_back(q, dims):
     """Transpose of flip: the same flip (an involution)."""
     return q.flip(_feature_dims(dims, q.dim() - 1))
@@ -490,11 +497,13 @@ def batch_operand(c: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
     return c.expand(B, *c.shape[1:]) if c.shape[0] != B else c
 
 
-def dropout_mask(x: torch.Tensor, p: float, training: bool):
-    """Dropout that also returns what the decoder needs: the scaled keep-mask (None in eval: identity)."""
+def dropout_mask(x: torch.Tensor, p: float, training: bool, channels: bool = False):
+    """Dropout that also returns what the decoder needs: the keep-mask (None in eval: identity). `channels`:
+    Dropout1d/2d/3d, one keep-bit per (sample, channel), broadcast over the map."""
     if not training or p == 0:
         return x, None
-    mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    shape = (*x.shape[:2], *[1] * (x.dim() - 2)) if channels else x.shape
+    mask = x.new_empty(shape, dtype=torch.bool).bernoulli_(1 - p)
     return x * mask / (1 - p), mask
 
 
@@ -506,8 +515,7 @@ def module_dropout(x: torch.Tensor, module: torch.nn.Module):
     if type(module) is torch.nn.Dropout:
         return dropout_mask(x, module.p, True)
     if isinstance(module, (torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)):
-        mask = x.new_empty(*x.shape[:2], *[1] * (x.dim() - 2), dtype=torch.bool).bernoulli_(1 - module.p)
-        return x * mask / (1 - module.p), mask
+        return dropout_mask(x, module.p, True, channels=True)
     raise RuntimeError(f"unroll: {type(module).__name__} in train mode is not unrolled (its affine noise is not a "
                        "mask); call .eval(), or use nn.Dropout")
 

@@ -388,11 +388,19 @@ def dropout_module(r):
     return ops.dropout_back(r.q, mask, r.module.p)
 
 
-@rule(F.dropout, torch.dropout)
+_CHANNEL_DROPOUT = {F.dropout1d, F.dropout2d, F.dropout3d}
+
+
+@rule(F.dropout, torch.dropout, *_CHANNEL_DROPOUT, F.alpha_dropout, F.feature_alpha_dropout)
 def dropout_function(r):
+    """Functional dropout: `training` is fixed when fx traces (like any Python value); in training the decoder
+    reuses the forward's mask (per channel for dropout1d/2d/3d). Alpha dropout: eval only."""
     p = r.arg("p")
-    training = r.arg("training") if r.node.target is F.dropout else r.arg("train")
-    mask = r.rewrite_with_mask(ops.dropout_mask, r.x, p, training)
+    training = r.arg("train") if r.node.target is torch.dropout else r.arg("training")
+    if training and r.node.target in (F.alpha_dropout, F.feature_alpha_dropout):
+        r.unsupported("alpha dropout in training (its affine noise is not a mask)")
+    channels = r.node.target in _CHANNEL_DROPOUT
+    mask = r.rewrite_with_mask(ops.dropout_mask, r.x, p, training, channels)
     return ops.dropout_back(r.q, mask, p)
 
 
@@ -512,8 +520,7 @@ def repeat(r):
 @rule(torch.transpose, "transpose", "transpose_", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
 def transpose(r):
     names = ("axis0", "axis1") if "axis0" in (r.kw or {}) else ("dim0", "dim1")
-    d0, d1 = (r.arg(n) for n in names)
-    return r.q.transpose(*(d + 1 if d >= 0 else d for d in (d0, d1)))
+    return ops.transpose_back(r.q, *(r.arg(n) for n in names))
 
 
 @rule(torch.flip, "flip")
