@@ -369,3 +369,31 @@ def test_every_flag_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--help"])
     assert exit_info.value.code == 0 and "(default: None)" not in capsys.readouterr().out
+
+
+def test_labels_csv_multi_hot_form(tmp_path):
+    root = make_fake_folder(tmp_path / "m", n_masked=2, n_unmasked=2)
+    (root / "labels.csv").write_text("image,square,disk\nimg002,1,0\nimg003,1,1\n")
+    data = folder.scan(root, FolderSpec.load(root))
+    assert data.labels["img002"].tolist() == [1, 1, 0] and data.labels["img003"].tolist() == [1, 1, 1]
+    (root / "labels.csv").write_text("image,square\nimg002,1\n")  # a class column missing
+    with pytest.raises(DataError, match="missing \\['disk'\\]"):
+        folder.scan(root, FolderSpec.load(root))
+    (root / "labels.csv").write_text("image,square,disk\nimg002,1,2\n")
+    with pytest.raises(DataError, match="labels.csv:2: column disk: '2' is not 0 or 1"):
+        folder.scan(root, FolderSpec.load(root))
+
+
+def test_sampler_balances_any_class_set():
+    """The library sampler on a 4-class pool (background + 3, class 3 rare): 3 picks cover the 3 object classes;
+    excluding a column takes it out of the balance; deterministic in (ids, labels, seed)."""
+    from unroll.segmentation.sampling import sample_labelled
+
+    labels = {f"a{i}": np.array([1, 1, 0, 0]) for i in range(20)}
+    labels.update({f"b{i}": np.array([1, 0, 1, 0]) for i in range(20)})
+    labels["rare"] = np.array([1, 0, 0, 1])
+    picked = sample_labelled(list(labels), labels, 3, seed=0)
+    assert "rare" in picked and {p[0] for p in picked} == {"a", "b", "r"}
+    assert picked == sample_labelled(sorted(labels, reverse=True), labels, 3, seed=0)
+    without_rare_class = sample_labelled(list(labels), labels, 2, seed=0, exclude=(0, 3))
+    assert {p[0] for p in without_rare_class} == {"a", "b"}
