@@ -212,7 +212,8 @@ def load_experiment(args, rank: int, world: int, console) -> runner.Experiment:
               "split_source": "splits/" if data.splits is not None else f"seeded (--split-seed {args.split_seed})",
               "unused_images": unused, "skipped_files": [p.to_dict() for p in problems], "warnings": warnings},
         data_meta={"data": {"kind": "folder", "spec": spec.to_json(), "split_seed": args.split_seed,
-                            "test_fraction": args.test_fraction, "val_fraction": args.val_fraction}})
+                            "test_fraction": args.test_fraction, "val_fraction": args.val_fraction,
+                            "split": parts}})
 
 
 def absent_class_warnings(data, spec) -> list[str]:
@@ -250,9 +251,14 @@ def evaluate_command(args, console) -> int:
     data = folder.scan(args.data, spec)
     if args.split == "all":
         ids = sorted(data.masks)
-    else:
-        ids = folder.split(data, d["split_seed"], d["test_fraction"], d["val_fraction"])[args.split]
-        ids = [i for i in ids if i in data.masks]
+    else:  # the run's own split, as stored in the checkpoint: adding images to DATA later does not move it
+        stored = d.get("split") or folder.split(data, d["split_seed"], d["test_fraction"], d["val_fraction"])
+        ids = [i for i in stored[args.split] if i in data.masks]
+        gone = [i for i in stored[args.split] if i not in data.masks]
+        if gone:
+            raise ValueError(f"{args.data}: {len(gone)} image(s) of the run's {args.split} split have no mask here "
+                             f"(e.g. {gone[:3]}): is this the folder the run used? (--split all scores every "
+                             "masked image)")
     if not ids:
         raise ValueError(f"{args.data}: no images with masks in the {args.split} split")
     problems = _validate(data, data.items(ids, args.split), args, console)

@@ -125,7 +125,9 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
                    help="picks the labelled images, the held-out ones, initialisation and batch order")
     g.add_argument("--out", default=default_out, help="output folder")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run's checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if --out holds a run's checkpoint (a cached classification stage with "
+                        "the same settings is still reused)")
     g.add_argument("--no-figures", action="store_true", help="skip OUT/predictions.png and OUT/evolution.png")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     g.add_argument("--stop-after", type=integer(1), default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C

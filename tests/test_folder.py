@@ -3,6 +3,7 @@ generated folders (bench.data.fake_folder); bad files are all reported, by path,
 ISBI membrane folder (../shared/data/membrane, masks 0/255) through the value mapping when it is there."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,15 @@ def test_evaluate_reproduces_the_run_metrics(trained, data_dir, tmp_path):
     assert got["ids"] == run["test_ids"] and got["step"] == run["best_step"]
     assert got["miou"] == pytest.approx(run["miou"], abs=1e-6)
     assert got["per_class_iou"] == pytest.approx(run["per_class_iou"], abs=1e-6)
+    # images added to the folder later do not move the run's test split (it is stored in the checkpoint)
+    moved = tmp_path / "more"
+    shutil.copytree(data_dir, moved)
+    for k in range(3):
+        for sub in ("images", "masks"):
+            shutil.copy(data_dir / sub / "img000.png", moved / sub / f"new{k}.png")
+    assert cli.main(["evaluate", "--checkpoint", str(trained / "ckpt.pt"), str(moved), "--out",
+                     str(tmp_path / "e2.json"), "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "e2.json").read_text())["ids"] == run["test_ids"]
 
 
 def test_checkpoint_without_meta_is_refused(tmp_path, capsys):
