@@ -1,4 +1,5 @@
-"""argparse value types shared by the bench CLIs: a bad flag is a usage error that says what was expected."""
+"""argparse value types and the help formatter shared by the bench CLIs: a bad flag is a usage error that says what
+was expected, and --help shows every flag's default."""
 
 from __future__ import annotations
 
@@ -45,3 +46,34 @@ def class_chunks(text: str) -> int | str | None:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, 'none' or 'auto', got {text!r}")
     return n
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in --help, shown only where there is one (not None, not an on/off switch) and the help
+    does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=integer(1), help="torch CPU threads (default: torch's choice). On a CPU shared "
+                                                      "with other jobs, 1 is often faster: small ops stall on OpenMP "
+                                                      "barriers")
+
+
+def set_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def progress_bar(console):
+    """The rich progress bar of the saliency experiments (bench.wsss, bench.window): description, bar, n/N, time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)

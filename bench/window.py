@@ -30,9 +30,10 @@ from rich.table import Table
 import unroll
 from unroll import attribution as attr
 
-from bench.resolve import normalize, resolve_basic, threshold_sweep
-from bench.wsss import _progress, add_threads_flag, classifier_scores, console, set_threads, train_classifier
-from bench.wsss_metrics import TAU_CAM, wsss_metrics
+from unroll.segmentation.resolve import normalize, resolve_basic, threshold_sweep
+from bench.cli import add_threads_flag, progress_bar, set_threads
+from bench.wsss import classifier_scores, console, train_tensor_classifier
+from unroll.segmentation.wsss_metrics import TAU_CAM, wsss_metrics
 
 __all__ = ["WindowConfig", "run", "main"]
 
@@ -130,14 +131,14 @@ def run(cfg: WindowConfig, out: Path) -> dict:
     train_x, _, train_y = load(cfg, "train")
     test_x, test_m, test_y = load(cfg, "test")
     rows = []
-    with _progress() as progress:
+    with progress_bar(console) as progress:
         for k in cfg.kernels:
             torch.manual_seed(cfg.seed)
             model = zoo.PlainConvNet(k, depth=cfg.depth, width=cfg.width, num_classes=train_y.shape[1],
                                      in_channels=train_x.shape[1])
             t0 = time.time()
-            history = train_classifier(model, train_x, train_y, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
-                                       progress=progress, description=f"train F={k}", loss="ce")
+            history = train_tensor_classifier(model, train_x, train_y, cfg.epochs, cfg.batch_size, cfg.lr,
+                                              seed=cfg.seed, progress=progress, description=f"train F={k}", loss="ce")
             t_train = time.time() - t0
             scores = classifier_scores(model, test_x, test_y)
             t0 = time.time()

@@ -13,14 +13,14 @@ side is --size (default 256) and centre-cropped to a square (the maps are batche
 trains classifiers only on digits). Model-pert rows on VOC: train the classifier stage of bench.voc with
 ``--pretrain-perturb gaussian|binary`` and run this script on that checkpoint (its saliency row is the model-pert row).
 
-Pipeline: classifier (a checkpoint, or `train_classifier` here, cached as OUT/classifier.pt) -> for each method, the
-maps of each test image's positive classes (the image labels are known: weak supervision), from `unroll.attribution`
-(CAM; vanilla saliency; input x gradient; SmoothGrad, BinaryMask, random crops / patches, discriminative crops /
-patches, all batched through the unrolled decoder) and from "model-pert" classifiers (the classifier fine-tuned with
-`perturb` noise, then vanilla saliency; plus a control fine-tuned without noise) -> each background resolve of
-`bench.resolve` (basic and smooth at the best threshold of the 0.01..0.50 sweep, superpixel at 0.3) ->
-`bench.wsss_metrics`. DR / NDR are the ground-truth pixels where the base classifier's CAM of their class is >= / <
-0.25, the same regions for every method.
+Pipeline: classifier (a checkpoint, or `train_tensor_classifier` here, cached as OUT/classifier.pt) -> for each
+method, the maps of each test image's positive classes (the image labels are known: weak supervision), from
+`unroll.attribution` (CAM; vanilla saliency; input x gradient; SmoothGrad, BinaryMask, random crops / patches,
+discriminative crops / patches, all batched through the unrolled decoder) and from "model-pert" classifiers (the
+classifier fine-tuned with `perturb` noise, then vanilla saliency; plus a control fine-tuned without noise) -> each
+background resolve of `unroll.segmentation.resolve` (basic and smooth at the best threshold of the 0.01..0.50 sweep,
+superpixel at 0.3) -> `unroll.segmentation.wsss_metrics`. DR / NDR are the ground-truth pixels where the base
+classifier's CAM of their class is >= / < 0.25, the same regions for every method.
 
 Writes to OUT: results.json (everything, including the sweeps and timings), results.md (the tables), panel_<method>.png
 (image, GT, CAM, saliency, the method's map, its three resolved masks), hyperplanes.png (the CAM / saliency scatter of
@@ -44,17 +44,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 import unroll
 from unroll import attribution as attr
 from unroll.attribution import Perturb, perturb  # noqa: F401  (re-exported: the model-pert transform)
 
-from bench.resolve import DEFAULT_THRESHOLDS, RESOLVES, normalize, prepare, resolve_basic, superpixels, threshold_sweep
-from bench.wsss_metrics import TAU_CAM, wsss_metrics
+from bench.cli import add_threads_flag, progress_bar, set_threads
+from unroll.segmentation.resolve import (DEFAULT_THRESHOLDS, RESOLVES, normalize, prepare, resolve_basic, superpixels,
+                                         threshold_sweep)
+from unroll.segmentation.wsss_metrics import TAU_CAM, wsss_metrics
 
-__all__ = ["train_classifier", "perturb", "Perturb", "run", "main", "METHOD_ORDER", "TABLES"]
+__all__ = ["train_tensor_classifier", "perturb", "Perturb", "run", "main", "METHOD_ORDER", "TABLES"]
 
 # Piped output (logs, CI) gets 130 columns instead of rich's 80, so the tables are not wrapped cell by cell.
 console = Console(width=None if sys.stdout.isatty() else 130)
@@ -120,11 +122,6 @@ class Config:
         return cls(dataset=dataset, **base)
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
-
-
 # ---------------------------------------------------------------------------------------------------------- data
 
 
@@ -186,10 +183,15 @@ def class_names(cfg: Config) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------- classifier
 
 
-def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
-                     batch_size: int = 64, lr: float = 3e-3, perturbation: str = "none", seed: int = 0,
-                     progress: Progress | None = None, description: str = "train", loss: str = "bce") -> list[float]:
-    """Train with AdamW and a one-cycle schedule; returns the mean loss per epoch.
+def train_tensor_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
+                            batch_size: int = 64, lr: float = 3e-3, perturbation: str = "none", seed: int = 0,
+                            progress: Progress | None = None, description: str = "train",
+                            loss: str = "bce") -> list[float]:
+    """Train on in-memory tensors with AdamW and a one-cycle schedule; returns the mean loss per epoch.
+
+    The recipe of bench.wsss / bench.window (their published numbers come from it), not the shared loop of
+    ``unroll.segmentation.classifier.train_classifier``: epochs over a tensor set, one-cycle learning rate, weight
+    decay on every parameter, BCE on every logit (background column included) or single-label CE.
 
     loss="bce": multi-label, BCE on every logit against `labels` (N, L) multi-hot; if the model has fewer outputs
     K < L, its outputs are the last K label columns (a 10-way digit model against 11 labels with background first).
@@ -236,7 +238,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 def classifier_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> dict:
     """Macro F1 over the object classes (logit > 0), the exact-match rate of the image's class set, and top-1: how
     often the highest object logit is one of the image's classes."""
-    from bench.metrics import MultilabelF1
+    from unroll.segmentation.metrics import MultilabelF1
 
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -257,14 +259,6 @@ def build_classifier(config: dict) -> nn.Module:
 
     kw = dict(config.get("kwargs", {}))
     return zoo.classifier(config["arch"], config["num_classes"], in_channels=config["in_channels"], **kw)
-
-
-def _state_dict(obj) -> dict:
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
 def infer_config(state: dict, arch: str | None = None) -> dict:
@@ -293,7 +287,9 @@ def infer_config(state: dict, arch: str | None = None) -> dict:
 def load_classifier(path: str | Path, arch: str | None = None) -> tuple[nn.Module, dict]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
     config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
-    state = _state_dict(obj)
+    from zoo.backbones import checkpoint_state
+
+    state = checkpoint_state(obj)
     config = config or infer_config(state, arch)
     model = build_classifier(config)
     model.load_state_dict(state)
@@ -557,7 +553,7 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     timings: dict[str, float] = {}
-    with _progress() as progress:
+    with progress_bar(console) as progress:
         t0 = time.time()
         test_x, test_m, test_y = load_split(cfg, "test")
         train_x = train_y = None
@@ -579,8 +575,8 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
                                 "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}}
             model, cached = cached_classifier(
                 out / "classifier.pt", config,
-                lambda m: train_classifier(m, train_x, train_y, cfg.epochs, cfg.batch_size, cfg.lr, seed=cfg.seed,
-                                           progress=progress, description="train classifier"))
+                lambda m: train_tensor_classifier(m, train_x, train_y, cfg.epochs, cfg.batch_size, cfg.lr,
+                                                  seed=cfg.seed, progress=progress, description="train classifier"))
         timings["classifier"] = time.time() - t0
         scores = classifier_scores(model.to(cfg.device), test_x, test_y)
         console.log(f"classifier {'loaded' if cached else 'trained'}: test F1 {scores['f1']:.3f}, "
@@ -597,9 +593,9 @@ def run(cfg: Config, out: Path, checkpoint: str | None = None, arch: str | None 
                                                 "n_train": cfg.n_train, "seed": cfg.seed}}
             models[method], _ = cached_classifier(
                 out / f"classifier-{method}.pt", ft_config,
-                lambda m, kind=kind: train_classifier(m, train_x, train_y, cfg.finetune_epochs, cfg.batch_size,
-                                                      lr=cfg.lr / 3, perturbation=kind, seed=cfg.seed + 7,
-                                                      progress=progress, description=f"fine-tune ({kind})"),
+                lambda m, kind=kind: train_tensor_classifier(
+                    m, train_x, train_y, cfg.finetune_epochs, cfg.batch_size, lr=cfg.lr / 3, perturbation=kind,
+                    seed=cfg.seed + 7, progress=progress, description=f"fine-tune ({kind})"),
                 init=model.cpu())  # (the fine-tuning below trains on the CPU)
             timings[f"finetune_{kind}"] = time.time() - t0
 
@@ -699,16 +695,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the classifier and decoder run")
     add_threads_flag(p)
     return p.parse_args(argv)
-
-
-def add_threads_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice). On a CPU shared with "
-                                               "other jobs, 1 is often faster: small ops stall on OpenMP barriers")
-
-
-def set_threads(n: int | None) -> None:
-    if n is not None:
-        torch.set_num_threads(n)
 
 
 def main(argv=None) -> int:

@@ -44,3 +44,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Hypothesis profiles (tests/test_fuzz.py). fuzz-ci, the default: derandomised, so every run (and CI) draws the same
+# examples, and no example database is written. fuzz-long: fresh random examples, kept in .hypothesis/ so a failure
+# replays first next time. Select with HYPOTHESIS_PROFILE=fuzz-long or pytest --hypothesis-profile=fuzz-long.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a dev extra; only test_fuzz.py needs it
+    pass
+else:
+    _common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("fuzz-ci", max_examples=80, derandomize=True, database=None, **_common)
+    settings.register_profile("fuzz-long", max_examples=5000, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fuzz-ci"))

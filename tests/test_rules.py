@@ -371,3 +371,75 @@ def test_functional_batch_norm_training_holds_batch_variance_like_the_module_rul
     theirs = unroll.compile(ref)(x).heatmaps
     assert relative_error(ours, theirs) < 1e-12
     assert ours.abs().max() > 0
+
+
+@pytest.mark.parametrize("body", [nn.Dropout2d(0.5), Lambda(lambda s, y: F.dropout2d(y, 0.5, training=True))],
+                         ids=["module", "functional"])
+def test_channel_dropout_in_train_mode_reuses_the_forward_mask(body):
+    """Dropout2d drops whole channels: the decoder's mask is the forward's, one bit per (sample, channel)."""
+    model = randomize(Net(body))
+    model.train()
+    net = unroll.compile(model)
+    x = torch.randn(3, 3, 5, 4, dtype=torch.double)
+    logits, saved = net.encode(x)
+    mask = next(s for s in saved if isinstance(s, torch.Tensor) and s.dtype == torch.bool and s.shape[2:] == (1, 1))
+    assert mask.shape == (3, 6, 1, 1)
+
+    def masked_forward(inp):
+        return model.fc((F.relu(model.conv(inp)) * mask / 0.5).flatten(2).mean(2))
+
+    torch.testing.assert_close(logits, masked_forward(x), rtol=1e-12, atol=1e-12)
+    xr = x.clone().requires_grad_()
+    out = masked_forward(xr)
+    ref = torch.stack([(torch.autograd.grad(out[:, k].sum(), xr, retain_graph=True)[0] * x).sum(1) for k in range(K)], 1)
+    assert relative_error(net.decode(logits, saved), ref) < 1e-10
+
+
+def test_a_weight_computed_from_the_input_is_refused():
+    def dynamic(s, y):
+        return F.conv2d(y, s.w * (y.mean() > 0).to(y.dtype), padding=1)
+
+    model, _ = body_model(dynamic, w=nn.Parameter(torch.randn(6, 6, 3, 3, dtype=torch.double)))
+    with pytest.raises(unroll.UnsupportedModelError, match="computed from the input"):
+        unroll.compile(model)
+
+
+class ClampedInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, K)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(torch.clamp(x, 0.0, 1.0))).mean((2, 3)))
+
+
+def test_clamp_gate_on_the_bounds_is_autograds():
+    """Pixels exactly on a clamp bound (0 and 1 in images): autograd's gradient there is 0, so is the gate's."""
+    model = randomize(ClampedInput())
+    x = torch.rand(2, 3, 6, 5, dtype=torch.double) * 1.4 - 0.2
+    x[:, :, :2] = 1.0
+    x[:, :, -1] = 0.0
+    assert_matches_autograd(model, x)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: x.transpose(0, 1).relu().transpose(1, 0),
+    lambda s, x: torch.swapaxes(x, -4, 1).relu().swapaxes(1, 0),
+    lambda s, x: x.flip(0),
+    lambda s, x: x.mean(0, keepdim=True).expand_as(x) + x,
+], ids=["transpose", "swapaxes_negative", "flip", "mean"])
+def test_ops_along_the_batch_dim_are_refused(fn):
+    """An op along the batch dim mixes samples: a clear error when the decoder runs, never a silent answer."""
+    model, x = body_model(fn)
+    with pytest.raises(RuntimeError, match="batch"):
+        unroll.compile(model)(torch.randn(3, 3, 7, 6, dtype=torch.double))
+
+
+def test_one_constant_used_twice_compiles():
+    """A computed constant used by two ops is saved twice under one name (`const_mul`): the decoder's argument
+    names must stay unique (it was a SyntaxError)."""
+    def twice(s, y):
+        c = s.w * 2.0
+        return y * c + (y * 3.0) * c
+
+    assert_matches_autograd(*body_model(twice, w=nn.Parameter(torch.rand(1, 6, 1, 1, dtype=torch.double))))

@@ -167,6 +167,15 @@ def reshape_back(q, in_shape, out_shape):
     return q.reshape(*q.shape[:2], *in_shape[1:])
 
 
+def _expand_ellipsis(index: tuple, rank: int) -> tuple:
+    """`...` spelled out as the slices it stands for, so the batch dim's entry can be checked."""
+    if not any(i is Ellipsis for i in index):
+        return index
+    at = next(n for n, i in enumerate(index) if i is Ellipsis)
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    return index[:at] + (slice(None),) * (rank - consumed) + index[at + 1:]
+
+
 def _is_advanced(i) -> bool:
     return isinstance(i, (list, torch.Tensor)) or isinstance(i, tuple)
 
@@ -176,7 +185,7 @@ def slice_back(q, index, in_shape):
     """Transpose of `x[index]`: zeros of x's shape with q added where its entries came from. Basic indexing
     (ints, slices, None, ...) never repeats an entry: written in place. Advanced indexing (`x[:, [0, 0, 1]]`)
     can: each entry's flat position, then index_add, so repeats accumulate."""
-    index = index if isinstance(index, tuple) else (index,)
+    index = _expand_ellipsis(index if isinstance(index, tuple) else (index,), len(in_shape))
     if not index or index[0] != slice(None):
         raise RuntimeError(f"indexing {index} selects along the batch dimension; unroll needs samples kept apart")
     if not any(_is_advanced(i) for i in index):
@@ -223,6 +232,48 @@ def unstack(q, dim):
     return q.unbind(_feature_dim(dim, q.dim() - 1))
 
 
+def _feature_dims(dims, rank: int) -> list[int]:
+    return [_feature_dim(d, rank) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+
+
+@graph_op
+def transpose_back(q, dim0, dim1):
+    """Transpose of transpose(dim0, dim1): the same swap of feature dims (swapping the batch dim is refused)."""
+    rank = q.dim() - 1
+    return q.transpose(_feature_dim(dim0, rank), _feature_dim(dim1, rank))
+
+
+@graph_op
+def flip_back(q, dims):
+    """Transpose of flip: the same flip (an involution)."""
+    return q.flip(_feature_dims(dims, q.dim() - 1))
+
+
+@graph_op
+def roll_back(q, shifts, dims):
+    """Transpose of roll: roll back by the opposite shifts."""
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        raise RuntimeError("roll without dims rolls the flattened tensor, batch included; pass dims=")
+    shifts = [-s for s in (shifts if isinstance(shifts, (tuple, list)) else (shifts,))]
+    return q.roll(shifts, _feature_dims(dims, q.dim() - 1))
+
+
+@graph_op
+def movedim_back(q, source, destination):
+    """Transpose of movedim(source, destination): move the dims back."""
+    rank = q.dim() - 1
+    return q.movedim(_feature_dims(destination, rank), _feature_dims(source, rank))
+
+
+@graph_op
+def narrow_back(q, dim, start, in_shape):
+    """Transpose of narrow(dim, start, length): zeros of x's shape with q written into the window."""
+    d = _feature_dim(dim, len(in_shape))
+    out = q.new_zeros(*q.shape[:2], *in_shape[1:])
+    out.narrow(d, start % in_shape[d - 1], q.shape[d]).copy_(q)
+    return out
+
+
 @graph_op
 def split_back(q, shapes, dim):
     """Transpose of cat: cut q at the inputs' sizes along the concatenated dim."""
@@ -262,6 +313,7 @@ def repeat_transpose(q, sizes, in_shape):
     return tiles.sum(tuple(range(2, 2 + 2 * (rank - 1), 2)))
 
 
+@graph_op
 def padded_shape(in_shape, pad):
     """x's shape after F.pad(x, pad) (pad lists (low, high) per dim from the last one)."""
     shape = list(in_shape)
@@ -373,6 +425,36 @@ def inside(a, lo, hi):
     return (a > lo) & (a < hi)
 
 
+def cast_source(x, y):
+    """What the transpose of a cast needs: x's dtype and device (the cotangent goes back to them)."""
+    if not y.is_floating_point():
+        raise RuntimeError(f"unroll: a cast of an input-dependent tensor to {y.dtype} (no gradient flows through it)")
+    return x.dtype, x.device
+
+
+@graph_op
+def cast_back(q, source):
+    dtype, device = source
+    return q.to(device=device, dtype=dtype)
+
+
+@graph_op
+def masked(q, condition, keep: bool):
+    """The transpose of one side of torch.where(condition, a, b): q where that side was chosen, else 0."""
+    zero = q.new_zeros(())
+    return torch.where(condition, q, zero) if keep else torch.where(condition, zero, q)
+
+
+def clamp_gate(z, lo, hi):
+    """The gate of clamp(z, lo, hi) as autograd defines it: lo < z < hi, bounds excluded (None: no bound)."""
+    gate = torch.ones_like(z, dtype=torch.bool)
+    if lo is not None:
+        gate &= z > lo
+    if hi is not None:
+        gate &= z < hi
+    return gate
+
+
 def batch_norm_scale(z: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """d bn(z) / dz per channel: gamma / sqrt(var + eps).
 
@@ -415,11 +497,13 @@ def batch_operand(c: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
     return c.expand(B, *c.shape[1:]) if c.shape[0] != B else c
 
 
-def dropout_mask(x: torch.Tensor, p: float, training: bool):
-    """Dropout that also returns what the decoder needs: the scaled keep-mask (None in eval: identity)."""
+def dropout_mask(x: torch.Tensor, p: float, training: bool, channels: bool = False):
+    """Dropout that also returns what the decoder needs: the keep-mask (None in eval: identity). `channels`:
+    Dropout1d/2d/3d, one keep-bit per (sample, channel), broadcast over the map."""
     if not training or p == 0:
         return x, None
-    mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    shape = (*x.shape[:2], *[1] * (x.dim() - 2)) if channels else x.shape
+    mask = x.new_empty(shape, dtype=torch.bool).bernoulli_(1 - p)
     return x * mask / (1 - p), mask
 
 
@@ -431,8 +515,7 @@ def module_dropout(x: torch.Tensor, module: torch.nn.Module):
     if type(module) is torch.nn.Dropout:
         return dropout_mask(x, module.p, True)
     if isinstance(module, (torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)):
-        mask = x.new_empty(*x.shape[:2], *[1] * (x.dim() - 2), dtype=torch.bool).bernoulli_(1 - module.p)
-        return x * mask / (1 - module.p), mask
+        return dropout_mask(x, module.p, True, channels=True)
     raise RuntimeError(f"unroll: {type(module).__name__} in train mode is not unrolled (its affine noise is not a "
                        "mask); call .eval(), or use nn.Dropout")
 

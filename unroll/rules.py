@@ -203,6 +203,41 @@ def hardtanh(r):
     return r.q * gate.unsqueeze(1)
 
 
+def _clamp_range(r):
+    lo = r.kw.get("min") if r.kw else None
+    hi = r.kw.get("max") if r.kw else None
+    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+        r.unsupported("clamp bounds that are tensors")
+    return lo, hi
+
+
+def _clamp_act(r, z):
+    return torch.clamp(z, *_clamp_range(r))
+
+
+@rule(torch.clamp, "clamp", "clamp_", torch.clip, "clip", "clip_", torch.clamp_min, "clamp_min", "clamp_min_",
+      torch.clamp_max, "clamp_max", "clamp_max_", activation=_clamp_act)
+def clamp(r):
+    """a = clamp(z, lo, hi)  ->  q_z = q_a * [lo < z < hi] (autograd's gradient is 0 on a bound), read off z
+    before the op (which may work in place); a missing bound is no bound."""
+    lo, hi = _clamp_range(r)
+    gate = r.save(ops.clamp_gate, r.x, lo, hi, name="gate")
+    return r.q * gate.unsqueeze(1)
+
+
+def _threshold_act(r, z):
+    th, value = (getattr(r.module, n) if r.module is not None else r.arg(n) for n in ("threshold", "value"))
+    return F.threshold(z, th, value)
+
+
+@rule(nn.Threshold, F.threshold, F.threshold_, activation=_threshold_act)
+def threshold(r):
+    """a = z if z > t else v  ->  q_z = q_a * [z > t], read off z before the op (a = v may itself exceed t)."""
+    t = r.module.threshold if r.module is not None else r.arg("threshold")
+    gate = r.save(operator.gt, r.x, t, name="gate")
+    return r.q * gate.unsqueeze(1)
+
+
 # ------------------------------------------------------------------ pooling
 
 
@@ -293,15 +328,20 @@ def _interpolate_args(r) -> dict:
     return _pool_args(r, ["size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"])
 
 
-@rule(nn.Upsample, F.interpolate, F.upsample)
+def _has_node(value) -> bool:
+    return isinstance(value, fx.Node) or isinstance(value, (tuple, list)) and any(isinstance(v, fx.Node) for v in value)
+
+
+@rule(nn.Upsample, F.interpolate)
 def interpolate(r):
     """y = interpolate(x) is linear in x  ->  q_x = its adjoint (aten's upsample backward) applied to q_y."""
     kw = _interpolate_args(r)
     if kw["mode"] not in ops.interpolate_modes():
         r.unsupported(f"interpolation mode {kw['mode']!r}")
-    if any(isinstance(v, fx.Node) for v in (kw["size"], kw["scale_factor"])):
-        r.unsupported("an interpolation size or scale factor computed in forward()")
+    # (a size computed in forward(), e.g. `size=x.shape[-2:]`, is fine: the adjoint reads both sizes off q and x)
     scale = kw["scale_factor"]
+    if _has_node(scale) and not (kw["size"] is not None or kw["recompute_scale_factor"]):
+        r.unsupported("a scale factor computed in forward() (pass size= instead)")
     if kw["size"] is not None or kw["recompute_scale_factor"] or scale is None:
         scale = None  # F.interpolate then works from the output size and passes no scale factor on
     elif isinstance(scale, (tuple, list)):
@@ -328,9 +368,10 @@ def pad(r):
         pads = list(r.module.padding)
     else:
         mode, pads = r.arg("mode"), r.arg("pad")
-        if isinstance(pads, fx.Node) or any(isinstance(p, fx.Node) for p in pads):
-            r.unsupported("padding amounts computed in forward() (from shapes)")
-        pads = list(pads)
+        if isinstance(pads, fx.Node):
+            r.unsupported("a padding list traced as one value (write it out: [left, right, ...])")
+        # amounts computed from shapes (timm's pad_same) reach the decoder as run-time inputs
+        pads = [r.constant(p) for p in pads]
     if mode not in ("constant", "reflect", "replicate", "circular"):
         r.unsupported(f"padding mode {mode!r}")
     return ops.pad_transpose(r.q, pads, mode, r.shape(r.x))
@@ -347,11 +388,19 @@ def dropout_module(r):
     return ops.dropout_back(r.q, mask, r.module.p)
 
 
-@rule(F.dropout, torch.dropout)
+_CHANNEL_DROPOUT = {F.dropout1d, F.dropout2d, F.dropout3d}
+
+
+@rule(F.dropout, torch.dropout, *_CHANNEL_DROPOUT, F.alpha_dropout, F.feature_alpha_dropout)
 def dropout_function(r):
+    """Functional dropout: `training` is fixed when fx traces (like any Python value); in training the decoder
+    reuses the forward's mask (per channel for dropout1d/2d/3d). Alpha dropout: eval only."""
     p = r.arg("p")
-    training = r.arg("training") if r.node.target is F.dropout else r.arg("train")
-    mask = r.rewrite_with_mask(ops.dropout_mask, r.x, p, training)
+    training = r.arg("train") if r.node.target is torch.dropout else r.arg("training")
+    if training and r.node.target in (F.alpha_dropout, F.feature_alpha_dropout):
+        r.unsupported("alpha dropout in training (its affine noise is not a mask)")
+    channels = r.node.target in _CHANNEL_DROPOUT
+    mask = r.rewrite_with_mask(ops.dropout_mask, r.x, p, training, channels)
     return ops.dropout_back(r.q, mask, p)
 
 
@@ -359,6 +408,16 @@ def dropout_function(r):
 def identity(r):
     """Ops that move no values: the cotangent passes unchanged."""
     return r.q
+
+
+@rule("float", "double", "half", "bfloat16", "to", "type_as")
+def cast(r):
+    """A floating-point cast (or device move): the cotangent goes back to the input's dtype and device, as in
+    autograd. A cast to an integer or bool dtype is refused when it runs."""
+    if any(isinstance(a, fx.Node) for a in r.node.args[1:] if r.node.target != "type_as"):
+        r.unsupported("a cast to a dtype computed in forward()")
+    source = r.save(ops.cast_source, r.x, r.node, name="cast", batched=False, after=True)
+    return ops.cast_back(r.q, source)
 
 
 # ------------------------------------------------------------------ fan-out and arithmetic with constants
@@ -381,7 +440,7 @@ def _fan_out(r, scales):
     return pairs
 
 
-@rule(operator.add, torch.add, "add", "add_", "__add__", "__radd__")
+@rule(operator.add, torch.add, "add", "add_")
 def add(r):
     """s = u + alpha v  ->  q_u = q_s, q_v = alpha q_s: fan-out (summed over dims where u or v was broadcast)."""
     return _fan_out(r, (1, _alpha(r)))
@@ -421,6 +480,18 @@ def div(r):
     return [(u, ops.sum_to(r.q / r.operand(c, u), r.shape(u)))]
 
 
+@rule(torch.where, "where")
+def where(r):
+    """w = where(m, a, b) with the mask m not input-dependent (a comparison is not)  ->  q_a = q_w where m,
+    q_b = q_w elsewhere (each summed over the dims it was broadcast along)."""
+    m = r.arg("condition")
+    if r.active(m):
+        r.unsupported("a condition that carries gradients")
+    sides = [(r.arg(name), keep) for name, keep in (("input", True), ("other", False)) if r.active(r.arg(name))]
+    mask = r.operand(m, sides[0][0])
+    return [(node, ops.sum_to(ops.masked(r.q, mask, keep), r.shape(node))) for node, keep in sides]
+
+
 # ------------------------------------------------------------------ shape ops: their inverses
 
 
@@ -446,10 +517,32 @@ def repeat(r):
     return ops.repeat_transpose(r.q, tuple(sizes), r.shape(r.x))
 
 
-@rule(torch.transpose, "transpose", "transpose_")
+@rule(torch.transpose, "transpose", "transpose_", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
 def transpose(r):
-    d0, d1 = r.arg("dim0"), r.arg("dim1")
-    return r.q.transpose(*(d + 1 if d >= 0 else d for d in (d0, d1)))
+    names = ("axis0", "axis1") if "axis0" in (r.kw or {}) else ("dim0", "dim1")
+    return ops.transpose_back(r.q, *(r.arg(n) for n in names))
+
+
+@rule(torch.flip, "flip")
+def flip(r):
+    return ops.flip_back(r.q, r.arg("dims"))
+
+
+@rule(torch.roll, "roll")
+def roll(r):
+    return ops.roll_back(r.q, r.arg("shifts"), r.arg("dims"))
+
+
+@rule(torch.movedim, "movedim", torch.moveaxis, "moveaxis")
+def movedim(r):
+    return ops.movedim_back(r.q, r.arg("source"), r.arg("destination"))
+
+
+@rule(torch.narrow, "narrow")
+def narrow(r):
+    if any(isinstance(r.arg(n), fx.Node) for n in ("dim", "start")):
+        r.unsupported("a narrow window computed in forward()")
+    return ops.narrow_back(r.q, r.arg("dim"), r.arg("start"), r.shape(r.x))
 
 
 @rule(torch.permute, "permute")

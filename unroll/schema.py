@@ -30,6 +30,9 @@ def _tile(input, *dims): ...
 def _split(input, split_size_or_sections, dim=0): ...
 def _sum(input, dim=None, keepdim=False, *, dtype=None): ...
 def _squeeze(input, dim=None): ...
+def _flip(input, *dims): ...
+def _where(input, condition, other): ...
+def _to(input, *args, **kwargs): ...
 
 
 _BINARY = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
@@ -38,15 +41,20 @@ _FUNCTIONS = {op: _binary for op in _BINARY} | {operator.neg: _unary, operator.g
 _METHODS = {
     "view": _view, "reshape": _view, "permute": _permute, "repeat": _repeat, "expand": _expand, "tile": _tile,
     "view_as": _as, "reshape_as": _as, "expand_as": _as, "contiguous": _contiguous,
-    "__add__": _binary, "__radd__": _binary, "__sub__": _binary, "__mul__": _binary, "__rmul__": _binary,
-    "__truediv__": _binary, "split": _split, "sum": _sum, "squeeze": _squeeze,
+    "split": _split, "sum": _sum, "squeeze": _squeeze, "flip": _flip,
+    "where": _where, "to": _to,
 }
 _VARARGS = {"shape", "dims", "sizes", "size"}  # x.view(2, 3) and x.view((2, 3)) mean the same
 
 
 def method_function(name: str):
-    """The torch function a Tensor method name normalises like (`add_` -> torch.add), or None."""
-    return getattr(torch, name, None) or getattr(torch, name.rstrip("_"), None)
+    """The torch function a Tensor method name normalises like (`add_` -> torch.add), or None (`torch.float` is
+    a dtype, not the method's function)."""
+    for candidate in (name, name.rstrip("_")):
+        fn = getattr(torch, candidate, None)
+        if callable(fn) and not isinstance(fn, (torch.dtype, type)):
+            return fn
+    return None
 
 
 def _bind(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
@@ -95,6 +103,13 @@ def normalized_arguments(node: fx.Node, root: torch.nn.Module) -> dict[str, Any]
 
     Modules give their forward()'s parameters (their settings are module attributes). A method's `self` is the
     first parameter of the torch function it maps to (usually `input`)."""
+    try:
+        return _normalized(node, root)
+    except Exception:  # a target no schema describes (a user function fx.wrap'ed): rules that read args refuse
+        return None
+
+
+def _normalized(node: fx.Node, root: torch.nn.Module) -> dict[str, Any] | None:
     args, kwargs = tuple(node.args), dict(node.kwargs)
     if node.op == "call_module":
         found = normalize_module(root, node.target, args, kwargs, normalize_to_only_use_kwargs=True)

@@ -1,0 +1,116 @@
+"""Differential fuzzing: random piecewise-linear classifiers (tests/fuzz_nets.py), compiled, against autograd.
+
+For every drawn net, in float64: the logits, the heatmaps (per-class autograd input x gradient), the input
+gradients (`net.gradients`), class / sample selection with one class per chunk, and the parameter gradients of a
+heatmap loss (decoder backprop vs autograd double backprop). BatchNorm on batch statistics (train mode, or no
+running stats) is compared with autograd through a BN whose batch statistics are detached, the gradient unroll
+documents (README, "Semantics worth knowing").
+
+Profiles (registered in tests/conftest.py): the default run uses `fuzz-ci` (derandomised: the same examples every
+run, no example database); `HYPOTHESIS_PROFILE=fuzz-long python -m pytest tests/test_fuzz.py -m fuzz` draws fresh
+examples for a long run (add --hypothesis-show-statistics for op coverage). A failure prints the shrunk NetSpec
+and the emitted decoder; each one found becomes a named test in the regressions section below.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import event, given, note
+
+import unroll
+
+from fuzz_nets import BatchNormOp, NetSpec, State, nets, numel, op_names
+
+pytestmark = pytest.mark.fuzz
+
+TOL_MAPS = 1e-10  # heatmaps and input gradients, relative to their largest value
+TOL_LOGITS = 1e-12
+TOL_PARAMS = 1e-9  # parameter gradients of the heatmap loss, per parameter
+# Where the reference is structurally zero (a mean subtracted, then averaged) both sides hold round-off (~1e-17):
+# errors are relative to at least FLOOR, so such nets pass with absolute errors below tol * FLOOR.
+FLOOR = 1e-6
+
+
+def error(ours: torch.Tensor, ref: torch.Tensor, floor: float = FLOOR) -> float:
+    """max |ours - ref| / max(max |ref|, floor)"""
+    ours, ref = ours.detach(), ref.detach()
+    return float((ours - ref).abs().max() / max(float(ref.abs().max()), floor))
+
+
+def reference_gradients(model: nn.Module, x: torch.Tensor, create_graph: bool):
+    """d logit_k / d x per class by autograd, with BN batch statistics held constant (the documented gradient)."""
+    bns = [m for m in model.modules() if isinstance(m, BatchNormOp)]
+    for m in bns:
+        m.frozen = True
+    try:
+        xr = x.detach().clone().requires_grad_(True)
+        logits = model(xr)
+        grads = [torch.autograd.grad(logits[:, k].sum(), xr, retain_graph=True, create_graph=create_graph)[0]
+                 for k in range(logits.shape[1])]
+    finally:
+        for m in bns:
+            m.frozen = False
+    return torch.stack(grads, 1)
+
+
+def check_equivalence(model: nn.Module, x: torch.Tensor, seed: int = 0):
+    """Every number unroll computes for `model` at `x` equals autograd's (float64)."""
+    net = unroll.compile(model)
+    note(f"decoder:\n{net.decoder.code}")
+    out = net(x)
+    with torch.no_grad():
+        logits = model(x)
+    assert out.logits.shape == logits.shape
+    assert (e := error(out.logits, logits)) < TOL_LOGITS, f"logits differ ({e:.2e})"
+
+    ref_grads = reference_gradients(model, x, create_graph=True)
+    ref_heat = (ref_grads * x.unsqueeze(1)).sum(2)
+    if ref_heat.abs().max() == 0:
+        event("all heatmaps zero")
+    assert out.heatmaps.shape == ref_heat.shape
+    assert (e := error(out.heatmaps, ref_heat)) < TOL_MAPS, f"heatmaps differ from autograd ({e:.2e})"
+    with torch.no_grad():
+        grads = net.gradients(x)
+    assert (e := error(grads, ref_grads)) < TOL_MAPS, f"input gradients differ from autograd ({e:.2e})"
+
+    # selection: classes in another order, a subset of the samples, one class per decoder pass
+    B, K = logits.shape
+    classes, samples = list(range(K))[::-1], torch.arange(B)[::2]
+    net.classes_per_chunk = 1
+    with torch.no_grad():
+        some = net(x, classes=classes, samples=samples).heatmaps
+    assert (e := error(some, out.heatmaps[samples][:, classes])) < TOL_MAPS, f"classes=/samples= differ ({e:.2e})"
+
+    # training: parameter gradients of a heatmap loss, decoder backprop vs autograd double backprop
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(ref_heat.shape, generator=g, dtype=torch.double)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    ref = torch.autograd.grad((ref_heat * w).sum() + ref_heat.square().sum(), params, allow_unused=True)
+    ours = torch.autograd.grad((out.heatmaps * w).sum() + out.heatmaps.square().sum(), params, allow_unused=True)
+    ref = [torch.zeros_like(p) if r is None else r for p, r in zip(params, ref)]
+    ours = [torch.zeros_like(p) if o is None else o for p, o in zip(params, ours)]
+    scale = max(float(r.abs().max()) for r in ref)
+    for (name, _), r, o in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), ref, ours):
+        # relative to the parameter's own gradient, or to 1e-6 of the largest one where that is ~0 (round-off)
+        err = error(o, r, max(FLOOR * scale, FLOOR))
+        assert err < TOL_PARAMS, f"heatmap-loss gradient of {name} differs from double backprop ({err:.2e})"
+
+
+def check_shapes(spec: NetSpec):
+    """The generator's shape bookkeeping: each op produces the shape the spec says (a generator bug otherwise)."""
+    model, x = spec.build(), spec.input()
+    with torch.no_grad():
+        for op, module in zip(spec.ops, model.ops):
+            x = module(x)
+            assert tuple(x.shape) == (spec.batch, *op.out), f"generator bug at {op!r}: got {tuple(x.shape)}"
+
+
+@given(spec=nets())
+def test_random_nets_equal_autograd(spec):
+    for name in op_names(spec):
+        event(name)
+    event(f"{len(spec.ops)} ops, {'train' if spec.train else 'eval'}")
+    check_shapes(spec)
+    check_equivalence(spec.build(), spec.input(), spec.seed)

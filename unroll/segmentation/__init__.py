@@ -1,0 +1,8 @@
+"""Training and scoring segmenters built on unroll: the training loop (``unroll.segmentation.train``), the
+classification stage (``.classifier``), metrics (``.metrics``, ``.wsss_metrics``) and the WSSS map resolves
+(``.resolve``).
+
+Not imported by ``import unroll`` (whose core needs torch only): these modules use the extras (torchmetrics,
+scikit-image; ``pip install unroll[segmentation]``), each imported where it is used. Import the submodule you need,
+e.g. ``from unroll.segmentation.train import TrainConfig, train, evaluate``.
+"""
