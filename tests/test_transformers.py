@@ -13,7 +13,6 @@ pytest.importorskip("transformers")
 import transformers  # noqa: E402
 
 import unroll  # noqa: E402
-from bench import census  # noqa: E402
 from bench.census import check, randomize_norms, transformers_models  # noqa: E402
 from unroll.tracing import InputShapeError  # noqa: E402
 from unroll.verify import autograd_heatmaps, relative_error  # noqa: E402
@@ -24,7 +23,7 @@ EXACT = {  # model -> the input shapes one compilation serves (* = any size)
     "RegNetForImageClassification": "(*, 3, *, *)",
     "HGNetV2ForImageClassification": "(*, 3, *, *)",
     "TextNetForImageClassification": "any",
-    "MobileNetV1ForImageClassification": "(2, 3, 64, 64)",
+    "MobileNetV1ForImageClassification": "(2, 3, 64, 61)",
     "MobileNetV2ForImageClassification": "(2, 3, 64, 61)",
 }
 REFUSED = {  # model -> ops the refusal must name
@@ -42,9 +41,6 @@ NOT_CNN = {
     "PvtV2", "Segformer", "ShieldGemma2", "Siglip2", "Siglip", "SwiftFormer", "Swin", "Swinv2", "ViT", "ViTMSN",
     "AutoModel", "PPLCNet",  # PPLCNet: hardswish; its ForImageClassification returns no logits in this version
 }
-# TF "same" padding: at odd feature-map sizes (the census's 64 x 61 input) the pad amounts are computed from shapes
-# in forward(), and F.pad has no rule for computed amounts yet (refused, naming F.pad); at 64 x 64 they are constants.
-SQUARE_ONLY = {"MobileNetV1ForImageClassification"}
 FAST = {"ResNetForImageClassification", "RegNetForImageClassification", "TextNetForImageClassification",
         "MobileNetV1ForImageClassification"}
 
@@ -63,16 +59,8 @@ def test_census_covers_transformers():
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in EXACT])
 def test_exact(name, one_thread):
-    sizes = ((64, 64),) if name in SQUARE_ONLY else census.SIZES
-    verdict, detail, _, serves = check(randomize_norms(transformers_models()[name]()), output="logits", sizes=sizes)
+    verdict, detail, _, serves = check(randomize_norms(transformers_models()[name]()), output="logits")
     assert (verdict, serves) == ("exact", EXACT[name]), detail
-
-
-@pytest.mark.parametrize("name", sorted(SQUARE_ONLY))
-def test_tf_padding_at_odd_sizes_is_refused_by_name(name, one_thread):
-    verdict, detail, _, _ = check(randomize_norms(transformers_models()[name]()), output="logits",
-                                  sizes=((64, 61),))
-    assert verdict == "refused" and "functional.pad" in detail, detail
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n.startswith("RegNet") else [pytest.mark.slow])
