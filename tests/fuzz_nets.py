@@ -546,11 +546,14 @@ def draw_constant(draw, s: State, mul_only=False) -> Op:
         fn = {"sigmoid_mul": lambda m, x: x * torch.sigmoid(m.c), "exp_add": lambda m, x: x + m.c.exp() - 1,
               "buffer_mul": lambda m, x: x * (m.buf * 2 + 1)}[spelling]
     else:  # batch_shaped: an input-independent operand that has the batch dimension
-        spelling = draw(st.sampled_from(["expand_mul", "expand_add", "zeros_add"]))
-        shape_name, shape = "batch1_channel", shapes["batch1_channel"]
+        spelling = draw(st.sampled_from(["expand_mul", "expand_add", "zeros_add", "rows_mul", "rows_add"]))
+        shape_name = draw(st.sampled_from(["batch1_channel", "batch1_full"]))
+        shape = (4, *shapes[shape_name][1:]) if spelling.startswith("rows") else shapes[shape_name]  # 4 >= batch
         fn = {"expand_mul": lambda m, x: x * m.c.expand(x.shape[0], *m.c.shape[1:]),
               "expand_add": lambda m, x: x + m.c.expand(x.shape[0], *m.c.shape[1:]),
-              "zeros_add": lambda m, x: x + (torch.zeros(x.shape[0], *m.c.shape[1:], dtype=x.dtype) + m.c)}[spelling]
+              "zeros_add": lambda m, x: x + (torch.zeros(x.shape[0], *m.c.shape[1:], dtype=x.dtype) + m.c),
+              "rows_mul": lambda m, x: x * m.c[:x.shape[0]],  # a different operand per sample
+              "rows_add": lambda m, x: m.c[:x.shape[0]] + x}[spelling]
 
     def make():
         if shape is None:
