@@ -1,4 +1,5 @@
-"""argparse value types shared by the bench CLIs: a bad flag is a usage error that says what was expected."""
+"""argparse value types and the help formatter shared by the bench CLIs: a bad flag is a usage error that says what
+was expected, and --help shows every flag's default."""
 
 from __future__ import annotations
 
@@ -45,3 +46,13 @@ def class_chunks(text: str) -> int | str | None:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, 'none' or 'auto', got {text!r}")
     return n
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in --help, shown only where there is one (not None, not an on/off switch) and the help
+    does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)

@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from bench import models as bench_models
-from bench.cli import integer, number
-from bench.models import TIED  # models whose maps are heatmaps of the classifier
-from bench.train import TrainConfig, evaluate, predict, train
+from zoo import segmentation as bench_models
+from bench.cli import Help, integer, number
+from zoo.segmentation import TIED  # models whose maps are heatmaps of the classifier
+from unroll.segmentation.classifier import train_classifier
+from unroll.segmentation.train import TrainConfig, evaluate, predict, stable_seed, train
 
 __all__ = ["main", "build_parser", "plan", "DEFAULT_MODELS"]
 
@@ -112,21 +113,12 @@ def _scale(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--heatmap-scale takes a positive number or 'learn', got {text!r}") from None
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one and the help does not already say it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.digits",
         description="Unrolled heatmap models vs U-Nets on handwritten digit scenes with few pixel labels "
                     "(the paper's experiment, offline, CPU). Writes OUT/results.json, OUT/results.md, OUT/*.png.",
-        formatter_class=_Help,
+        formatter_class=Help,
     )
     g = p.add_argument_group("data")
     g.add_argument("--source", choices=("sklearn", "mnist"), default="sklearn",
@@ -261,14 +253,6 @@ def labelled_indices(n_train: int, n: int | str, seed: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------------------ tasks
 
 
-def _stable_seed(*parts) -> int:
-    # str hashes are salted per process; use the text's bytes instead
-    ints = []
-    for p in parts:
-        ints += list(p.encode()) if isinstance(p, str) else [int(p)]
-    return int(np.random.SeedSequence(ints).generate_state(1)[0])
-
-
 def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
     """Every run of the experiment as a plain dict (what a worker needs, and what a result is checked against)."""
     data = {k: getattr(args, k) for k in ("source", "root", "scene", "size", "input", "backbone", "widths",
@@ -285,7 +269,7 @@ def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
             "train": asdict(TrainConfig(steps=args.clf_steps, batch_size=args.clf_batch_size, lr=args.clf_lr,
                                         min_lr=args.clf_lr / 10, weight_decay=args.weight_decay,
                                         eval_every=args.eval_every * 2, select="f1",
-                                        seed=_stable_seed(seed, "classifier"))),
+                                        seed=stable_seed(seed, "classifier"))),
         })
         for n, count in zip(args.labels, counts):
             for model in args.models:
@@ -300,7 +284,7 @@ def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
                                                 pixel_fraction=args.pixel_fraction, lr=lr, min_lr=lr / 10,
                                                 weight_decay=args.weight_decay, seg_weight=args.seg_weight,
                                                 cls_weight=args.cls_weight, eval_every=args.eval_every,
-                                                select="miou", seed=_stable_seed(seed, count, "batches"))),
+                                                select="miou", seed=stable_seed(seed, count, "batches"))),
                 })
     return tasks
 
@@ -374,24 +358,24 @@ def run_task(task: dict, resume: bool = False, report=None) -> dict:
 
     result: dict[str, Any] = {"task": task}
     if task["kind"] == "classifier":
-        torch.manual_seed(_stable_seed(task["seed"], "init"))
+        torch.manual_seed(stable_seed(task["seed"], "init"))
         clf = _make_classifier(task)
-        model = bench_models.build("classifier", clf, NUM_CLASSES, perturbation=task.get("perturb", "none"),
-                                   seed=_stable_seed(task["seed"], "classifier-noise"))
         if task["tied_eval"]:  # the heatmaps of the untrained (initial) classifier: the floor
             result["test_heatmaps_initial"] = evaluate(bench_models.build("unrolled", clf, NUM_CLASSES),
                                                        data["test_input"], NUM_CLASSES)
-        r = train(model, cfg, num_classes=NUM_CLASSES, image_set=data["train_input"], val_set=data["val_input"],
-                  out_dir=run_dir, resume=resume, on_step=on_step)
-        torch.save(clf.state_dict(), run_dir / "classifier.pt")
-        result["test"] = evaluate(model, data["test_input"], NUM_CLASSES)
+        # run_dir/classifier.pt is what the segmentation tasks of this seed load
+        r = train_classifier(clf, cfg, data["train_input"], NUM_CLASSES, folder=run_dir, key=_identity(task),
+                             val_set=data["val_input"], perturbation=task.get("perturb", "none"),
+                             noise_seed=stable_seed(task["seed"], "classifier-noise"), resume=resume,
+                             keep_checkpoint=task["keep"], on_step=on_step).result
+        result["test"] = evaluate(bench_models.build("classifier", clf, NUM_CLASSES), data["test_input"], NUM_CLASSES)
         if task["tied_eval"]:  # the classifier's own heatmaps, before any segmentation training
             untrained = bench_models.build("unrolled", clf, NUM_CLASSES)
             result["test_heatmaps_untrained"] = evaluate(untrained, data["test_input"], NUM_CLASSES)
     else:
         clf = _make_classifier({**task, "weights": None})
         clf.load_state_dict(torch.load(Path(task["classifier_dir"]) / "classifier.pt", weights_only=True))
-        torch.manual_seed(_stable_seed(task["seed"], task["labels"], task["model"]))
+        torch.manual_seed(stable_seed(task["seed"], task["labels"], task["model"]))
         model = bench_models.build(task["model"], clf, NUM_CLASSES, epsilon=task["epsilon"],
                                    heatmap_scale=task["heatmap_scale"], init_scale=task["init_scale"])
         pixel_set = Subset(data["train_input"], labelled_indices(len(data["train"]), task["labels"], task["seed"]))

@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["class_palette", "colorize", "scenes_figure", "heatmaps_figure", "evolution_figure", "sweep_figure",
-           "curves_figure"]
+__all__ = ["class_palette", "colorize", "heatmap_colorbar", "scenes_figure", "heatmaps_figure", "evolution_figure",
+           "sweep_figure", "curves_figure"]
 
 IGNORE = 255
 
@@ -67,8 +67,28 @@ def _save(fig, path) -> Path:
 
 def _legend(fig, present: Sequence[int], palette: np.ndarray, class_names: Sequence[str]):
     handles = [matplotlib.patches.Patch(color=palette[k] / 255, label=class_names[k]) for k in present]
+    if not handles:
+        return
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 11), fontsize=7, frameon=False,
                bbox_to_anchor=(0.5, -0.02))
+
+
+def _present(*label_maps, num_classes: int) -> list[int]:
+    """The classes that occur in any of the label maps (ignore excluded), sorted: the legend's entries."""
+    found: set[int] = set()
+    for m in label_maps:
+        m = np.asarray(_np(m), dtype=np.int64)
+        found |= set(np.unique(m[m != IGNORE]).tolist())
+    return sorted(k for k in found if 0 <= k < num_classes)
+
+
+def heatmap_colorbar(fig, image, ax, label: str | None = None):
+    """A colour scale for a red (+) / blue (-) heatmap, beside ``ax`` (one axes or a row of them)."""
+    bar = fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01, aspect=15)
+    bar.ax.tick_params(labelsize=6)
+    if label:
+        bar.set_label(label, fontsize=6)
+    return bar
 
 
 def scenes_figure(path, images, masks, predictions: Mapping[str, object], class_names: Sequence[str],
@@ -104,7 +124,7 @@ def heatmaps_figure(path, images, heatmaps, class_names: Sequence[str], masks=No
     heatmaps = _np(heatmaps)
     n, k = heatmaps.shape[:2]
     extra = 1 if masks is None else 2
-    fig, axes = plt.subplots(n, k + extra, figsize=(1.1 * (k + extra), 1.15 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(n, k + extra, figsize=(1.1 * (k + extra) + 0.5, 1.15 * n + 0.4), squeeze=False)
     palette = class_palette(len(class_names))
     for i in range(n):
         axes[i, 0].imshow(_image(images[i]), cmap="gray", vmin=0, vmax=1)
@@ -112,12 +132,15 @@ def heatmaps_figure(path, images, heatmaps, class_names: Sequence[str], masks=No
             axes[i, 1].imshow(colorize(masks[i], palette))
         lim = float(np.abs(heatmaps[i]).max()) or 1.0
         for c in range(k):
-            axes[i, extra + c].imshow(heatmaps[i, c], cmap="bwr", vmin=-lim, vmax=lim)
+            shown = axes[i, extra + c].imshow(heatmaps[i, c], cmap="bwr", vmin=-lim, vmax=lim)
+        heatmap_colorbar(fig, shown, axes[i, :].tolist())  # the row's one scale
         for ax in axes[i]:
             _off(ax)
     names = ["scene"] + (["ground truth"] if masks is not None else []) + list(class_names[:k])
     for j, name in enumerate(names):
         axes[0, j].set_title(name, fontsize=8)
+    if masks is not None:
+        _legend(fig, _present(*masks, num_classes=len(class_names)), palette, class_names)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
@@ -126,11 +149,15 @@ def heatmaps_figure(path, images, heatmaps, class_names: Sequence[str], masks=No
 def evolution_figure(path, images, masks, snapshots: Sequence[tuple[int, object]], class_names: Sequence[str],
                      title: str | None = None) -> Path:
     """Heatmaps over training. snapshots: [(step, heatmaps (n, K, H, W))]. For each scene two rows: the heatmap of
-    its first object class (red +, blue -) and the argmax prediction, one column per step."""
+    its first object class (red +, blue -) and the argmax prediction, one column per step. Each heatmap has its own
+    symmetric scale (heatmaps grow by orders of magnitude during training), written under it as +-max; the colour
+    bar reads as a fraction of that max."""
     palette = class_palette(len(class_names))
     n = len(images)
     steps = [s for s, _ in snapshots]
-    fig, axes = plt.subplots(2 * n, len(steps) + 2, figsize=(1.15 * (len(steps) + 2), 2.3 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(2 * n, len(steps) + 2, figsize=(1.15 * (len(steps) + 2) + 0.5, 2.3 * n + 0.6),
+                             squeeze=False)
+    shown, labels = None, [masks]
     for i in range(n):
         m = np.asarray(_np(masks[i]), dtype=np.int64)
         objects = [c for c in np.unique(m).tolist() if 0 < c < len(class_names)]
@@ -142,13 +169,19 @@ def evolution_figure(path, images, masks, snapshots: Sequence[tuple[int, object]
         for j, (step, h) in enumerate(snapshots):
             h = _np(h)[i]
             lim = float(np.abs(h[c]).max()) or 1.0
-            axes[2 * i, j + 2].imshow(h[c], cmap="bwr", vmin=-lim, vmax=lim)
+            shown = axes[2 * i, j + 2].imshow(h[c] / lim, cmap="bwr", vmin=-1, vmax=1)
+            axes[2 * i, j + 2].set_xlabel(f"\u00b1{lim:.2g}", fontsize=6, labelpad=1)
             axes[2 * i + 1, j + 2].imshow(colorize(h.argmax(0), palette))
+            labels.append(h.argmax(0)[None])
         for ax in (*axes[2 * i], *axes[2 * i + 1]):
             _off(ax)
     for j, step in enumerate(steps):
         axes[0, j + 2].set_title(f"step {step}", fontsize=8)
     axes[0, 0].set_title("scene / truth", fontsize=8)
+    if shown is not None:
+        heatmap_colorbar(fig, shown, axes.ravel().tolist(), label="heatmap / its max |value| (under each map)")
+    _legend(fig, _present(*(m for group in labels for m in group), num_classes=len(class_names)), palette,
+            class_names)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchvision
 
 import unroll
-from bench.cli import class_chunks
+from bench.cli import Help, class_chunks, integer
 
 HEATMAP_ROWS = ["forward", "forward_bk", "unroll", "unroll_one_pass", "autograd_loop", "autograd_batched", "captum", "zennit",
                 "unroll_eps"]
@@ -517,34 +517,53 @@ def scaling(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet50", help="any torchvision classifier name unroll compiles")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--classes", type=int, default=21)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rows", nargs="*", choices=HEATMAP_ROWS + TRAIN_ROWS, help="a subset of rows")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-row memory subprocesses")
-    p.add_argument("--chunk", type=class_chunks, default="auto",
+    p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0],
+                                formatter_class=Help)
+    g = p.add_argument_group("setting")
+    g.add_argument("--model", default="resnet50", help="any torchvision classifier name unroll compiles")
+    g.add_argument("--size", type=integer(1), default=224, help="input image side (pixels)")
+    g.add_argument("--batch", type=integer(1), default=2, help="images per batch")
+    g.add_argument("--classes", type=integer(1), default=21, help="classes K: heatmaps per image")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every row runs")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: every row under torch.autocast (the agreement check allows 5e-2 instead of 1e-3)")
+    g.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: torch's own choice)")
+    g = p.add_argument_group("timing")
+    g.add_argument("--repeats", type=integer(1), default=5, help="timed runs per row (the median is reported)")
+    g.add_argument("--warmup", type=integer(0), default=1, help="untimed runs per row before the timed ones")
+    g.add_argument("--rows", nargs="*", choices=HEATMAP_ROWS + TRAIN_ROWS, help="a subset of rows (default: all)")
+    g.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the per-row peak-memory subprocesses (CPU)")
+    g.add_argument("--scaling", action="store_true", help="also time vs classes (1, 5, 21, 80) and size (64, 128, 224)")
+    g.add_argument("--json", default=None, help="write every figure to this JSON file")
+    g = p.add_argument_group("unrolled module")
+    g.add_argument("--chunk", type=class_chunks, default="auto",
                    help="classes_per_chunk of the compiled module: a number, 'none' (all classes in one pass) or "
-                        "'auto' (the default: all at once on CUDA, a few at a time on the CPU)")
-    p.add_argument("--checkpoint", action="store_true", help="recompute the decoder in backward")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the unrolled module")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--scaling", action="store_true", help="time vs classes (1, 5, 21, 80) and size (64, 128, 224)")
-    p.add_argument("--json", default=None, help="write every figure to this JSON file")
-    p.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)
+                        "'auto' (all at once on CUDA, a few at a time on the CPU)")
+    g.add_argument("--checkpoint", action="store_true", help="recompute the decoder in backward (less memory)")
+    g.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the unrolled module")
+    p.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)  # the subprocess that measures one row
     return p
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def check(args: argparse.Namespace) -> None:
+    """What argparse cannot check alone (ValueError -> usage error), before anything is built or timed."""
+    if args.model.lower() not in torchvision.models.list_models():
+        raise ValueError(f"--model {args.model!r} is not a torchvision model name (e.g. resnet50, vgg16_bn)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser().error("--device cuda: no CUDA device is visible")
+        raise ValueError("--device cuda: no CUDA device is visible")
+    if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ValueError(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        check(args)
+    except ValueError as err:
+        p.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_row:

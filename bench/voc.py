@@ -9,7 +9,8 @@
    labels (read once from the XML, cached beside the data). Batches of ``--batch-size`` (10) hold about half of
    each; maps are computed for the pixel-labelled rows only. Loss ``--seg-weight`` x pixel-wise softmax CE over the
    21 stacked maps + ``--cls-weight`` x sigmoid CE on the logits (background weight 0). AdamW, ``--lr`` 1e-5.
-   Augmentation: random scale (0.5-2), crop ``--image-size`` (256), horizontal flip. One loop: ``bench.train``.
+   Augmentation: random scale (0.5-2), crop ``--image-size`` (256), horizontal flip. One loop:
+   ``unroll.segmentation.train``.
 3. Evaluation on the 1449 segmentation ``val`` images, full images, 255 ignored: mIoU, per-class IoU, and the image-
    level macro F1 over the 20 object classes (logit > 0). Val is never used for selection: ``--select-on K`` holds
    out K segmentation-train images outside the N labelled ones and keeps the step with the best held-out mIoU;
@@ -40,8 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.cli import class_chunks, integer, number
-from bench.models import SEG_MODELS, TIED
+from bench.cli import Help, class_chunks, integer, number
+from unroll.segmentation.train import stable_seed
+from zoo.segmentation import SEG_MODELS, TIED
 
 __all__ = ["main", "build_parser", "MODELS"]
 
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.voc",
         description="PASCAL VOC 2012 semi-supervised segmentation (the paper's Table 1 protocol), one run. "
                     "Writes OUT/metrics.json, OUT/history.jsonl and figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
     )
     g = p.add_argument_group("data")
     g.add_argument("--root", default="data", help="folder holding VOCdevkit/VOC2012 (torchvision's root)")
@@ -80,14 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold out this many segmentation-train images (outside the labelled ones) and keep the "
                         "step with the best held-out mIoU; 0 = report the last step. Val is never used.")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODELS, default="unrolled")
+    g.add_argument("--model", choices=MODELS, default="unrolled",
+                   help="segmentation model (see zoo.segmentation): tied heatmap decoders (unrolled, unrolled-eps, "
+                        "ws-ae) or free decoders on the classifier's stages (unet, mt-unet, fcn)")
     g.add_argument("--backbone", default="resnet50",
                    help="torchvision classifier: resnet50, vgg16_bn, resnet18, ... (unet/mt-unet/fcn: ResNet or VGG)")
     g.add_argument("--weights", default="imagenet",
                    help="initial classifier weights: imagenet (torchvision's default, downloads), a PATH, or none")
     g.add_argument("--classifier", default=None,
                    help="a classifier already fine-tuned on VOC (21 outputs, state dict): skips the pretrain stage")
-    g.add_argument("--classifier-dir", default=None, help="where the pretrained classifier is cached (OUT/classifier)")
+    g.add_argument("--classifier-dir", default=None,
+                   help="where the pretrained classifier is cached (default: OUT/classifier)")
     g.add_argument("--heatmap-scale", type=_scale, default=1.0,
                    help="factor on the tied models' heatmaps before the CE (1 = the paper), or 'learn'")
     g.add_argument("--init-scale", type=number(0.0, True), default=1.0, help="initial value of a learnt scale")
@@ -111,20 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrain-perturb", choices=("none", "gaussian", "binary"), default="none",
                    help="model-pert: train the classifier stage on perturbed inputs (gaussian sigma 0.15 of the "
                         "image's range, or binary pixel keep-probability 0.9)")
-    g.add_argument("--weight-decay", type=number(0.0, False), default=1e-4)
+    g.add_argument("--weight-decay", type=number(0.0, False), default=1e-4,
+                   help="AdamW weight decay (weights only, not biases / BatchNorm), both stages")
     g.add_argument("--seg-weight", type=number(0.0, False), default=1.0, help="weight of the pixel-wise CE")
     g.add_argument("--cls-weight", type=number(0.0, False), default=1.0, help="weight of the sigmoid CE")
     g.add_argument("--eval-every", type=integer(1), default=1000, help="checkpoint (and held-out evaluation) interval")
     g.add_argument("--eval-batch-size", type=integer(1), default=4, help="full-image evaluation batch")
     g = p.add_argument_group("run")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     g.add_argument("--amp", action="store_true", help="bf16 autocast")
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA (channels_last is the default)")
     g.add_argument("--workers", type=integer(0), default=None, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
-    g.add_argument("--seed", type=integer(0), default=0)
+    g.add_argument("--seed", type=integer(0), default=0,
+                   help="picks the labelled images, the held-out ones, initialisation and batch order")
     g.add_argument("--out", default="runs/voc", help="output folder")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    g.add_argument("--no-figures", action="store_true")
+    g.add_argument("--no-figures", action="store_true", help="skip OUT/predictions.png and OUT/evolution.png")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     g.add_argument("--stop-after", type=integer(1), default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     return p
@@ -181,13 +188,6 @@ def _barrier(world: int) -> None:
 # ------------------------------------------------------------------------------------------------------------- data
 
 
-def _stable_seed(*parts) -> int:
-    ints = []
-    for p in parts:
-        ints += list(p.encode()) if isinstance(p, str) else [int(p)]
-    return int(np.random.SeedSequence(ints).generate_state(1)[0])
-
-
 def load_data(args, rank: int, world: int) -> dict[str, Any]:
     """Splits, image-level labels (cached beside the data), the labelled and held-out ids, and the datasets."""
     from bench.data import voc
@@ -219,7 +219,7 @@ def load_data(args, rank: int, world: int) -> dict[str, Any]:
         if args.select_on > len(rest):
             raise ValueError(f"--select-on {args.select_on}: only {len(rest)} segmentation-train images lie outside "
                              f"the {args.labels} labelled ones (use a smaller number, or 0 to report the last step)")
-        rng = np.random.default_rng(_stable_seed(args.seed, "select-on"))
+        rng = np.random.default_rng(stable_seed(args.seed, "select-on"))
         held_out = sorted(rng.choice(rest, args.select_on, replace=False).tolist())
     size = args.image_size
     return {
@@ -252,9 +252,9 @@ def get_classifier(args, data, device, rank, world, run_kw, console) -> tuple[to
     """The 21-output classifier the segmentation model starts from: --classifier, or the cached / freshly trained
     classification-only stage."""
     import zoo
-    from bench import models as bench_models
     from bench.data.voc import NUM_CLASSES
-    from bench.train import TrainConfig, train
+    from unroll.segmentation.classifier import cached_classifier_state, train_classifier
+    from unroll.segmentation.train import TrainConfig
 
     if args.classifier is not None:
         clf = zoo.classifier(args.backbone, NUM_CLASSES, weights=args.classifier)
@@ -266,36 +266,27 @@ def get_classifier(args, data, device, rank, world, run_kw, console) -> tuple[to
     if args.pretrain_perturb != "none":  # (absent otherwise, so classifiers cached before the flag stay valid)
         spec["perturb"] = args.pretrain_perturb
     folder = Path(args.classifier_dir) if args.classifier_dir else Path(args.out) / "classifier"
-    cached = folder / "classifier.pt"
-    spec_file = folder / "spec.json"
-    if cached.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
-        clf = zoo.classifier(args.backbone, NUM_CLASSES, weights=cached)
-        return clf, {"source": "cached", "path": str(cached), **spec}
-    torch.manual_seed(_stable_seed(args.seed, "classifier-init"))
+    state = cached_classifier_state(folder, spec)
+    if state is not None:  # (checked first: the initial weights need not be built, or downloaded)
+        clf = zoo.classifier(args.backbone, NUM_CLASSES)
+        clf.load_state_dict(state)
+        return clf, {"source": "cached", "path": str(folder / "classifier.pt"), **spec}
+    torch.manual_seed(stable_seed(args.seed, "classifier-init"))
     clf = zoo.classifier(args.backbone, NUM_CLASSES, weights=_weights_arg(args.weights))
     if steps == 0:
         return clf, {"source": "initial weights, no classification stage", **spec}
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        console.log(f"classification stage: {steps} steps on {len(data['image'])} image-level images -> {folder}")
-    _barrier(world)
+    console.log(f"classification stage: {steps} steps on {len(data['image'])} image-level images -> {folder}")
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.pretrain_lr, min_lr=args.pretrain_lr,
                       weight_decay=args.weight_decay, eval_every=min(steps, args.eval_every), select="f1",
-                      eval_batch_size=args.eval_batch_size, seed=_stable_seed(args.seed, "classifier-batches"),
+                      eval_batch_size=args.eval_batch_size, seed=stable_seed(args.seed, "classifier-batches"),
                       num_workers=run_kw["workers"])
-    model = bench_models.build("classifier", clf, NUM_CLASSES, perturbation=args.pretrain_perturb,
-                               seed=_stable_seed(args.seed, "classifier-noise"))
-    model = model.to(device, memory_format=run_kw["memory_format"])
+    clf = clf.to(device, memory_format=run_kw["memory_format"])
     with _Progress(console, "classifier", steps, cfg.batch_size, rank == 0 and not args.no_progress) as bar:
-        train(model, cfg, num_classes=NUM_CLASSES, image_set=data["image"], val_set=data["held"],
-              out_dir=folder, resume=True, on_step=bar.step, on_log=bar.log, **run_kw["train"])
-    clf = clf.cpu()
-    if rank == 0:
-        torch.save(clf.state_dict(), cached)
-        spec_file.write_text(json.dumps(spec, indent=1))
-        (folder / "ckpt.pt").unlink(missing_ok=True)
-    _barrier(world)
-    return clf, {"source": "trained here", "path": str(cached), **spec}
+        stage = train_classifier(clf, cfg, data["image"], NUM_CLASSES, folder=folder, key=spec,
+                                 val_set=data["held"], perturbation=args.pretrain_perturb,
+                                 noise_seed=stable_seed(args.seed, "classifier-noise"), on_step=bar.step,
+                                 on_log=bar.log, **run_kw["train"])
+    return clf.cpu(), {"source": "trained here", "path": str(stage.path), **spec}
 
 
 # --------------------------------------------------------------------------------------------------------- progress
@@ -355,17 +346,10 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------------------- figures
 
 
-def _denorm(images: torch.Tensor) -> torch.Tensor:
-    from bench.data.voc import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images.float().cpu() * std + mean).clamp(0, 1)
-
-
 def predictions_figure(path, images, masks, pred, maps, title: str, max_classes: int = 3) -> Path:
     """Rows = images (sequences of per-image tensors, sizes may differ); columns: image, ground truth, prediction,
-    then the maps of the classes present in the ground truth (up to max_classes; red +, blue -)."""
+    then the maps of the classes present in the ground truth (up to max_classes; red +, blue -, each with its colour
+    scale). A legend names the classes of the ground truths and predictions."""
     from bench import figures
     from bench.data.voc import CLASSES, IGNORE, voc_palette
 
@@ -373,7 +357,7 @@ def predictions_figure(path, images, masks, pred, maps, title: str, max_classes:
     palette = voc_palette()
     n = len(images)
     cols = 3 + max_classes
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.6 * n + 0.6), squeeze=False)
     for i in range(n):
         m = masks[i].cpu().numpy()
         valid = m != IGNORE
@@ -386,12 +370,13 @@ def predictions_figure(path, images, masks, pred, maps, title: str, max_classes:
             if j < len(present):
                 h = maps[i][present[j]].float().cpu().numpy()
                 lim = float(np.abs(h).max()) or 1.0
-                ax.imshow(h, cmap="bwr", vmin=-lim, vmax=lim)
+                figures.heatmap_colorbar(fig, ax.imshow(h, cmap="bwr", vmin=-lim, vmax=lim), ax)
                 ax.set_title(CLASSES[present[j]], fontsize=7)
         for ax in axes[i]:
             figures._off(ax)
     for j, name in enumerate(("image", "ground truth", "prediction")):
         axes[0, j].set_title(name, fontsize=8)
+    figures._legend(fig, figures._present(*masks, *pred, num_classes=len(CLASSES)), palette, CLASSES)
     fig.suptitle(title, fontsize=9)
     return figures._save(fig, path)
 
@@ -428,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, parser, rank, world, device, console) -> int:
-    from bench import models as bench_models
-    from bench.data.voc import CLASSES, NUM_CLASSES, VOCMissingError
-    from bench.train import TrainConfig, collate, evaluate, predict, train
+    from zoo import segmentation as bench_models
+    from bench.data.voc import CLASSES, NUM_CLASSES, VOCMissingError, denormalize
+    from unroll.segmentation.train import TrainConfig, collate, evaluate, predict, train
 
     out = Path(args.out)
     try:
@@ -458,7 +443,7 @@ def _run(args, parser, rank, world, device, console) -> int:
     try:
         try:
             clf, clf_info = get_classifier(args, data, device, rank, world, run_kw, console)
-            torch.manual_seed(_stable_seed(args.seed, args.labels, args.model, "init"))
+            torch.manual_seed(stable_seed(args.seed, args.labels, args.model, "init"))
             model = bench_models.build(args.model, clf, NUM_CLASSES, epsilon=args.epsilon,
                                        heatmap_scale=args.heatmap_scale, init_scale=args.init_scale,
                                        classes_per_chunk=args.classes_per_chunk, checkpoint=args.decoder_checkpoint)
@@ -476,7 +461,7 @@ def _run(args, parser, rank, world, device, console) -> int:
                           min_lr=args.lr, weight_decay=args.weight_decay, seg_weight=args.seg_weight,
                           cls_weight=args.cls_weight, eval_every=min(args.eval_every, steps),
                           eval_batch_size=args.eval_batch_size, select="miou",
-                          seed=_stable_seed(args.seed, args.labels, "batches"), num_workers=workers)
+                          seed=stable_seed(args.seed, args.labels, "batches"), num_workers=workers)
         on_eval = None
         evo = None
         if args.model in TIED and not args.no_figures and rank == 0:
@@ -506,7 +491,8 @@ def _run(args, parser, rank, world, device, console) -> int:
     if rank == 0:
         t0 = time.perf_counter()
         metrics = evaluate(model, data["val"], NUM_CLASSES, args.eval_batch_size, collate, device=device,
-                           amp_dtype=amp_dtype, channels_last=channels_last, num_workers=min(workers, 2))
+                           amp_dtype=amp_dtype, channels_last=channels_last, num_workers=min(workers, 2),
+                           progress=not args.no_progress)
         eval_seconds = time.perf_counter() - t0
         selection = (f"best held-out mIoU on {len(data['held_out'])} segmentation-train images outside the labelled "
                      f"ones (step {result.best_step} of {steps})" if data["held_out"] else
@@ -550,7 +536,7 @@ def _run(args, parser, rank, world, device, console) -> int:
                 for it in items:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         preds.append(predict(model, it["image"][None].to(device)))
-                predictions_figure(out / "predictions.png", [_denorm(it["image"][None])[0] for it in items],
+                predictions_figure(out / "predictions.png", [denormalize(it["image"]) for it in items],
                                    [it["mask"] for it in items], [p["pred"][0].cpu() for p in preds],
                                    [p["seg"][0].float().cpu() for p in preds],
                                    f"{args.model} ({args.backbone}), N={args.labels}, VOC val")
@@ -562,7 +548,7 @@ def _run(args, parser, rank, world, device, console) -> int:
                         keep = sorted(set(np.linspace(0, len(snaps) - 1, 8).round().astype(int).tolist()))
                         snaps = [snaps[i] for i in keep]
                     small = F.interpolate(evo["mask"][:, None].float(), scale_factor=0.5, mode="nearest")[:, 0]
-                    figures.evolution_figure(out / "evolution.png", _denorm(F.avg_pool2d(evo["image"], 2)),
+                    figures.evolution_figure(out / "evolution.png", denormalize(F.avg_pool2d(evo["image"], 2)),
                                              small.long(), [(s, h.float()) for s, h in snaps], list(CLASSES),
                                              title=f"{args.model} heatmaps during training (VOC val images)")
             except Exception as err:  # figures are a bonus; never lose the metrics for them

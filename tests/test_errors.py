@@ -65,20 +65,6 @@ def test_product_of_activations():
         unroll.compile(Gated())
 
 
-class Reflect(ControlFlow):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
-
-    def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3)))
-
-
-def test_reflect_padding():
-    with pytest.raises(UnsupportedModelError, match="padding_mode='reflect'"):
-        unroll.compile(Reflect())
-
-
 class TwoInputs(ControlFlow):
     def forward(self, x, y):
         return self.fc(self.conv(x + y).mean((2, 3)))

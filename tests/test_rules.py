@@ -123,10 +123,9 @@ def case_model(name):
     return model, torch.randn(*shape, dtype=torch.double)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][1] is not None])
-def test_rule_matches_autograd(name):
-    model, x = case_model(name)
-    net = unroll.compile(model)
+def assert_matches_autograd(model, x, net=None):
+    """Heatmaps, input gradients and heatmap-loss parameter gradients of the compiled model equal autograd's."""
+    net = net or unroll.compile(model)
     out = net(x)
     ref_grads, _ = autograd_gradients(model, x, create_graph=True)
     ref_heat = (ref_grads * x.unsqueeze(1)).sum(2)
@@ -143,6 +142,12 @@ def test_rule_matches_autograd(name):
             assert o is None or o.abs().max() < 1e-12
         else:
             assert relative_error(o, r) < 1e-9
+    return net
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][1] is not None])
+def test_rule_matches_autograd(name):
+    assert_matches_autograd(*case_model(name))
 
 
 def test_product_of_two_input_dependent_tensors_is_refused():
@@ -205,3 +210,236 @@ def test_decoder_code_is_readable():
     code = unroll.compile(model).decoder.code
     for word in ("conv_transpose", "unpool", "gate_", "skip_multiply", "grad_"):
         assert word in code
+
+
+# ------------------------------------------------------------------ regressions (issue 14: silent wrong answers)
+
+
+def body_model(fn, c_out=None, dims=2, **modules):
+    model = randomize(Net(Lambda(fn, **modules), dims=dims, head_in=c_out))
+    shape = (2, 3, 23) if dims == 1 else (2, 3, 7, 6)
+    return model, torch.randn(*shape, dtype=torch.double)
+
+
+def res2net_split(self, x):
+    """timm's Bottle2neck: parts by index, the last one (spx[-1]) passed through unchanged."""
+    spx = torch.split(x, 2, 1)
+    out = [F.relu(spx[0])]
+    sp = out[-1] + spx[1]
+    out.append(F.relu(sp))
+    out.append(spx[-1])
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("fn", [
+    res2net_split,
+    lambda s, x: x.chunk(2, 1)[-1] * 2.0,  # only through [-1]: raised StopIteration
+    lambda s, x: x.chunk(3, dim=-3)[0] + x.chunk(3, dim=-3)[-3] + x.chunk(3, -3)[-1],  # -3 and 0 are one part
+    lambda s, x: torch.stack([x.unbind(-1)[-1], x.unbind(-1)[0], x.unbind(-1)[-1]], -1),
+], ids=["res2net", "only_minus_one", "same_part_twice", "unbind_negative"])
+def test_negative_part_indices(fn):
+    """parts[-1] of a split was dropped (timm res2net 60-100% off)."""
+    model, x = body_model(fn)
+    with torch.no_grad():
+        c_out = F.relu(model.conv(x))
+        c_out = model.body(c_out).shape[1]
+    model.fc = nn.Linear(c_out, K).double()
+    assert_matches_autograd(model, x)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: torch.add(x, x[:, :1], alpha=2),
+    lambda s, x: torch.sub(x, x[:, 1:2], alpha=0.5),
+    lambda s, x: x.sub(x[:, :1] * 3.0, alpha=3),
+    lambda s, x: x.add(x[:, 2:3], alpha=-1.5),
+], ids=["torch.add", "torch.sub", "Tensor.sub", "Tensor.add"])
+def test_add_sub_alpha(fn):
+    """alpha was ignored (33-100% off)."""
+    assert_matches_autograd(*body_model(fn))
+
+
+def masked(self, x):
+    return x * (x > 0.1).float() + x[:, :1] * (x[:, 1:2] < 0.3).to(x.dtype)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+def test_batch_shaped_mask_operand(batch):
+    """A mask computed from the input has the batch dim; it was broadcast against the class dim (61% off, silent
+    when B == K or B == 1) and samples= did not subset it."""
+    model, _ = body_model(masked)
+    x = torch.randn(batch, 3, 7, 6, dtype=torch.double)
+    net = assert_matches_autograd(model, x)
+    if batch > 1:
+        rows = torch.tensor([batch - 1, 0])
+        torch.testing.assert_close(net(x, samples=rows).heatmaps, net(x).heatmaps[rows], rtol=1e-12, atol=1e-12)
+
+
+def test_operand_without_the_batch_dim_in_front_is_refused():
+    model, _ = body_model(lambda s, x: x * (x[:, 0] > 0).float())  # (B, H, W) against (B, C, H, W)
+    net = unroll.compile(model)
+    with pytest.raises(RuntimeError, match="first dim is not the batch"):
+        net(torch.randn(1, 3, 7, 6, dtype=torch.double))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: x[:, [0, 0, 1]],
+    lambda s, x: x[:, [2, 0, 2], 1:4],
+    lambda s, x: x[:, :, [1, 1, 1, 0]][:, [3, 3]],
+], ids=["repeat", "repeat_then_slice", "twice"])
+def test_advanced_index_repeats_accumulate(fn):
+    """y[:, [0, 0, 1]] was written back by assignment (70% off)."""
+    model, x = body_model(fn)
+    with torch.no_grad():
+        c_out = model.body(F.relu(model.conv(x))).shape[1]
+    model.fc = nn.Linear(c_out, K).double()
+    assert_matches_autograd(model, x)
+
+
+class EndsWith(nn.Module):
+    def __init__(self, last):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2 * K)
+        self.last = last
+
+    def forward(self, x):
+        y = self.fc(F.relu(self.conv(x)).mean((2, 3)))
+        if isinstance(self.last, nn.Module):
+            return self.last(y)
+        return self.last(y)
+
+
+@pytest.mark.parametrize("last", [
+    nn.Dropout(0.3), lambda y: F.max_pool1d(y, 2), nn.MaxPool1d(2), lambda y: F.dropout(y, 0.2, False)[:, :K],
+], ids=["Dropout", "F.max_pool1d", "MaxPool1d", "F.dropout"])
+def test_model_ending_in_a_rewritten_op(last):
+    """The node rewrite erased the output node's argument: NameError on the first call."""
+    model = randomize(EndsWith(last))
+    if isinstance(last, nn.Dropout):
+        model.fc = nn.Linear(4, K).double()
+    x = torch.randn(2, 3, 5, 4, dtype=torch.double)
+    assert_matches_autograd(model, x)
+
+
+# ------------------------------------------------------------------ F.batch_norm (timm's BatchNormAct2d)
+
+
+class FunctionalBN(nn.Module):
+    def __init__(self, training, keywords, affine=True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6, affine=affine)
+        self.fc = nn.Linear(6, K)
+        self.training_arg, self.keywords = training, keywords
+
+    def forward(self, x):
+        z, bn = self.conv(x), self.bn
+        if self.keywords:
+            y = F.batch_norm(z, running_mean=bn.running_mean, running_var=bn.running_var, weight=bn.weight,
+                             bias=bn.bias, training=self.training_arg, momentum=0.0, eps=1e-3)
+        else:
+            y = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, self.training_arg, 0.0, 1e-3)
+        return self.fc(F.relu(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("keywords", [False, True], ids=["positional", "keywords"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_functional_batch_norm_eval(keywords, affine):
+    model = randomize(FunctionalBN(False, keywords, affine))
+    assert_matches_autograd(model, torch.randn(2, 3, 6, 5, dtype=torch.double))
+
+
+@pytest.mark.parametrize("keywords", [False, True], ids=["positional", "keywords"])
+def test_functional_batch_norm_training_holds_batch_variance_like_the_module_rule(keywords):
+    """training=True: the same semantics as the module rule in train mode (batch variance held constant)."""
+    model = randomize(FunctionalBN(True, keywords))
+    module_model = randomize(FunctionalBN(True, keywords))
+    module_model.forward = lambda x: module_model.fc(F.relu(module_model.bn(module_model.conv(x))).mean((2, 3)))
+
+    class ModuleBN(nn.Module):  # the same weights through nn.BatchNorm2d in train mode
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = model.conv, nn.BatchNorm2d(6, eps=1e-3, momentum=0.0).double(), model.fc
+            self.bn.load_state_dict(model.bn.state_dict())
+
+        def forward(self, x):
+            return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    x = torch.randn(3, 3, 6, 5, dtype=torch.double)
+    ref = ModuleBN().train()
+    ours = unroll.compile(model)(x).heatmaps
+    theirs = unroll.compile(ref)(x).heatmaps
+    assert relative_error(ours, theirs) < 1e-12
+    assert ours.abs().max() > 0
+
+
+@pytest.mark.parametrize("body", [nn.Dropout2d(0.5), Lambda(lambda s, y: F.dropout2d(y, 0.5, training=True))],
+                         ids=["module", "functional"])
+def test_channel_dropout_in_train_mode_reuses_the_forward_mask(body):
+    """Dropout2d drops whole channels: the decoder's mask is the forward's, one bit per (sample, channel)."""
+    model = randomize(Net(body))
+    model.train()
+    net = unroll.compile(model)
+    x = torch.randn(3, 3, 5, 4, dtype=torch.double)
+    logits, saved = net.encode(x)
+    mask = next(s for s in saved if isinstance(s, torch.Tensor) and s.dtype == torch.bool and s.shape[2:] == (1, 1))
+    assert mask.shape == (3, 6, 1, 1)
+
+    def masked_forward(inp):
+        return model.fc((F.relu(model.conv(inp)) * mask / 0.5).flatten(2).mean(2))
+
+    torch.testing.assert_close(logits, masked_forward(x), rtol=1e-12, atol=1e-12)
+    xr = x.clone().requires_grad_()
+    out = masked_forward(xr)
+    ref = torch.stack([(torch.autograd.grad(out[:, k].sum(), xr, retain_graph=True)[0] * x).sum(1) for k in range(K)], 1)
+    assert relative_error(net.decode(logits, saved), ref) < 1e-10
+
+
+def test_a_weight_computed_from_the_input_is_refused():
+    def dynamic(s, y):
+        return F.conv2d(y, s.w * (y.mean() > 0).to(y.dtype), padding=1)
+
+    model, _ = body_model(dynamic, w=nn.Parameter(torch.randn(6, 6, 3, 3, dtype=torch.double)))
+    with pytest.raises(unroll.UnsupportedModelError, match="computed from the input"):
+        unroll.compile(model)
+
+
+class ClampedInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, K)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(torch.clamp(x, 0.0, 1.0))).mean((2, 3)))
+
+
+def test_clamp_gate_on_the_bounds_is_autograds():
+    """Pixels exactly on a clamp bound (0 and 1 in images): autograd's gradient there is 0, so is the gate's."""
+    model = randomize(ClampedInput())
+    x = torch.rand(2, 3, 6, 5, dtype=torch.double) * 1.4 - 0.2
+    x[:, :, :2] = 1.0
+    x[:, :, -1] = 0.0
+    assert_matches_autograd(model, x)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: x.transpose(0, 1).relu().transpose(1, 0),
+    lambda s, x: torch.swapaxes(x, -4, 1).relu().swapaxes(1, 0),
+    lambda s, x: x.flip(0),
+    lambda s, x: x.mean(0, keepdim=True).expand_as(x) + x,
+], ids=["transpose", "swapaxes_negative", "flip", "mean"])
+def test_ops_along_the_batch_dim_are_refused(fn):
+    """An op along the batch dim mixes samples: a clear error when the decoder runs, never a silent answer."""
+    model, x = body_model(fn)
+    with pytest.raises(RuntimeError, match="batch"):
+        unroll.compile(model)(torch.randn(3, 3, 7, 6, dtype=torch.double))
+
+
+def test_one_constant_used_twice_compiles():
+    """A computed constant used by two ops is saved twice under one name (`const_mul`): the decoder's argument
+    names must stay unique (it was a SyntaxError)."""
+    def twice(s, y):
+        c = s.w * 2.0
+        return y * c + (y * 3.0) * c
+
+    assert_matches_autograd(*body_model(twice, w=nn.Parameter(torch.rand(1, 6, 1, 1, dtype=torch.double))))

@@ -1,5 +1,5 @@
-"""bench.train and bench.models: batches, loss, tied parameters, BatchNorm once per step, heatmaps = input x gradient,
-any input size, exact resume, selection on the validation set. Tiny models on CPU, seconds."""
+"""unroll.segmentation.train and zoo.segmentation: batches, loss, tied parameters, BatchNorm once per step, heatmaps =
+input x gradient, any input size, exact resume, selection on the validation set. Tiny models on CPU, seconds."""
 
 import copy
 
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import zoo
-from bench import models as M
-from bench import train as T
+from zoo import segmentation as M
+from unroll.segmentation import train as T
 from unroll.verify import autograd_heatmaps
 
 K = 4  # classes, background included
@@ -145,17 +145,6 @@ def test_maps_only_for_sampled_rows(name):
         torch.testing.assert_close(part.logits, full.logits)
     else:
         assert part.logits is None
-
-
-def test_unet_wrappers_equal_zoo_forward():
-    for name, Zoo in (("unet", zoo.UNet), ("mt-unet", zoo.MultiTaskUNet), ("fcn", zoo.FCN)):
-        model = build(name).eval()
-        x = torch.rand(3, 1, 16, 16)
-        ours, ref = model(x), Zoo.forward(model.seg_model, x)
-        assert torch.equal(ours.seg, ref.seg)
-        assert (ours.logits is None) == (ref.logits is None)
-        if ref.logits is not None:
-            assert torch.equal(ours.logits, ref.logits)
 
 
 # ----------------------------------------------------------------------------------------------------- heatmaps, size
@@ -336,6 +325,15 @@ def test_evaluate_reports_miou_and_f1():
     assert T.evaluate(build("classifier"), Toy(5), K)["miou"] is None
 
 
+def test_evaluate_reports_progress_per_image():
+    model, data = build("unrolled"), Toy(5)
+    calls = []
+    res = T.evaluate(model, data, K, batch_size=2, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    assert res == T.evaluate(model, data, K, batch_size=2)  # the default is silent, and the numbers are the same
+    assert T.evaluate(model, data, K, batch_size=2, progress=True) == res  # the rich bar
+
+
 # ------------------------------------------------------------------------------------------------------- model-pert
 
 
@@ -377,3 +375,32 @@ def test_model_pert_rejects_bad_kinds():
         build("classifier", perturbation="salt")
     with pytest.raises(ValueError, match="classifier stage"):
         build("unrolled", perturbation="binary")
+
+
+# ------------------------------------------------------------------------------------------------ classifier stage
+
+
+def test_classifier_stage_is_the_shared_loop_and_caches_by_key(tmp_path):
+    from unroll.segmentation.classifier import ClassifierModel, cached_classifier_state, train_classifier
+
+    img, val = Toy(12, seed=1), Toy(6, seed=2)
+    cfg = T.TrainConfig(steps=4, select="f1", **CFG)
+    ref = small_clf()
+    direct = T.train(ClassifierModel(ref, "binary", 7), cfg, num_classes=K, image_set=img, val_set=val)
+    clf = small_clf()
+    key = {"what": "toy", "steps": 4, "sizes": (4, 8)}
+    stage = train_classifier(clf, cfg, img, K, folder=tmp_path, key=key, val_set=val, perturbation="binary",
+                             noise_seed=7)
+    assert not stage.cached and stage.classifier is clf and stage.result.history == direct.history
+    _state_equal(clf.state_dict(), ref.state_dict())
+    assert not (tmp_path / "ckpt.pt").exists(), "the stage's checkpoint goes once the classifier is cached"
+    # the same key: loaded, not trained (a fresh classifier ends equal, with the training summary)
+    again = train_classifier(small_clf(seed=3), cfg, img, K, folder=tmp_path, key=key, val_set=val,
+                             perturbation="binary", noise_seed=7)
+    assert again.cached and again.result.history == direct.history and again.result.best_step == direct.best_step
+    _state_equal(again.classifier.state_dict(), ref.state_dict())
+    # another key: trained again
+    assert cached_classifier_state(tmp_path, {**key, "steps": 5}) is None
+    other = train_classifier(small_clf(), T.TrainConfig(steps=2, select="f1", **CFG), img, K, folder=tmp_path,
+                             key={**key, "steps": 2})
+    assert not other.cached and cached_classifier_state(tmp_path, key) is None

@@ -350,3 +350,15 @@ def test_real_voc_image_through_loader_and_iou(tmp_path):
     iou = _iou(_confusion(no_person, got))
     bg, person = (got == 0).sum(), (got == 15).sum()
     assert iou[15] == 0 and np.isclose(iou[0], bg / (bg + person)) and np.allclose(iou[[5, 9, 11]], 1)
+
+
+def test_denormalize_inverts_the_transforms_normalisation():
+    from torchvision import tv_tensors
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 9, 7), dtype=torch.uint8, generator=g)
+    mask = torch.zeros(9, 7, dtype=torch.long)
+    normalised, _ = voc.make_transform(train=False)(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    assert normalised.abs().max() > 1  # (really normalised: not in [0, 1] any more)
+    torch.testing.assert_close(voc.denormalize(normalised), image.float() / 255, rtol=0, atol=1e-6)
+    torch.testing.assert_close(voc.denormalize(normalised[None])[0], voc.denormalize(normalised))  # batches too

@@ -1,5 +1,6 @@
 """zoo: classifiers by name, encoder stages, U-Net / FCN on a classifier's own modules. CPU, offline, seconds."""
 
+import copy
 from functools import partial
 
 import pytest
@@ -85,6 +86,26 @@ def test_multitask_logits_are_the_classifiers_logits(shared_classifiers, name):
     x = torch.randn(2, IN_CHANNELS[name], 67, 45)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, clf(x))
+
+
+@pytest.mark.parametrize("Model", SEG_MODELS, ids=lambda m: m.__name__)
+def test_samples_decode_the_chosen_rows_after_one_encoder_pass(Model):
+    # train mode: the encoder's BatchNorm statistics come from the whole batch, the decoder's from the chosen rows
+    model = Model(make("small_vgg"), NUM_SEG_CLASSES).train()
+    twin = copy.deepcopy(model)
+    x, rows = torch.randn(5, 1, 16, 16), torch.tensor([3, 0])
+    out = model(x, samples=rows)
+    features = zoo.run_stages(twin.classifier, twin.stages, x)
+    torch.testing.assert_close(out.seg, twin.decoder([f[rows] for f in features], x.shape[-2:]), rtol=0, atol=0)
+    for a, b in zip(model.classifier.buffers(), twin.classifier.buffers()):  # running statistics moved alike
+        assert torch.equal(a, b)
+    if Model is zoo.MultiTaskUNet:
+        assert out.logits.shape == (5, NUM_CLASSIFIER_CLASSES)
+    empty = model(x, samples=torch.tensor([], dtype=torch.long))
+    assert empty.seg.shape == (0, NUM_SEG_CLASSES, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, samples=rows).seg, model(x).seg[rows], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("Model", SEG_MODELS, ids=lambda m: m.__name__)

@@ -51,9 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .compiler import Unrolled
+from .compiler import Compiled, LiveGraph, Unrolled
 from .compiler import compile as compile_
-from .compiler import trace
+from .compiler import _reroot, _Snapshot, _snapshot, trace
 from .errors import UnsupportedModelError, describe
 
 __all__ = [
@@ -71,16 +71,20 @@ def _generator(generator: torch.Generator | int | None) -> torch.Generator:
     return torch.Generator().manual_seed(0 if generator is None else int(generator))
 
 
-_NETS: "weakref.WeakKeyDictionary[nn.Module, Unrolled]" = weakref.WeakKeyDictionary()
+# model -> its compiled graphs. The graphs hold the model weakly (Compiled / LiveGraph), so an entry never keeps its
+# key alive: the cache forgets a model when the model is freed.
+_NETS: "weakref.WeakKeyDictionary[nn.Module, Compiled]" = weakref.WeakKeyDictionary()
 
 
 def _as_net(net: nn.Module) -> Unrolled:
-    """An Unrolled module: `net` itself, or `net` compiled once (cached per model object)."""
+    """An Unrolled module: `net` itself, or `net` compiled once (cached per model object; compiled again if a
+    submodule was replaced since)."""
     if isinstance(net, Unrolled):
         return net
-    if net not in _NETS:
-        _NETS[net] = compile_(net)
-    return _NETS[net]
+    compiled = _NETS.get(net)
+    if compiled is None or compiled.stale(net) is not None:
+        compiled = _NETS[net] = compile_(net).compiled
+    return Unrolled(net, compiled)
 
 
 def _model_of(net: nn.Module) -> nn.Module:
@@ -261,14 +265,8 @@ def ixg(net: nn.Module, x: Tensor, classes=None) -> Tensor:
     net = _as_net(net)
     sel = _select(classes, x.shape[0], _num_classes(net, x))
     with torch.no_grad():
-        if sel.per_image is None:
-            return net(x, classes=sel.shared).heatmaps
-        logits, saved = net.encode(x)
-        out = x.new_zeros(x.shape[0], sel.K, *x.shape[2:])
-        for i, cls in enumerate(sel.per_image):
-            if cls:
-                out[i, list(cls)] = net.decode(logits, saved, classes=cls, samples=[i])[0]
-        return out
+        # a per-image mask: one decoder pass, zero maps for the classes an image did not ask for
+        return net(x, classes=sel.shared if sel.per_image is None else classes.bool()).heatmaps
 
 
 # ------------------------------------------------------------------------------------------------------ CAM
@@ -276,13 +274,17 @@ def ixg(net: nn.Module, x: Tensor, classes=None) -> Tensor:
 
 @dataclass
 class CamHead:
-    """Where CAM reads a model: `extractor(x) -> (features A (B, C, h, w), logits (B, K))` (an fx.GraphModule sharing
-    the model's modules), and `weight()` the final Linear's (K, C) weight, read live from the model."""
+    """Where CAM reads a model: `extractor(x) -> (features A (B, C, h, w), logits (B, K))` (a graph reading the live
+    model, held weakly), and `weight(model)` the final Linear's (K, C) weight, read live from the model."""
 
-    extractor: fx.GraphModule
-    weight: Callable[[], Tensor]
+    extractor: LiveGraph
+    weight_path: str
     feature_node: str
     linear_node: str
+    snapshot: _Snapshot  # the submodules it calls: a head whose model changed under it is found again
+
+    def weight(self, model: nn.Module) -> Tensor:
+        return operator.attrgetter(self.weight_path)(model)
 
 
 _TRANSPARENT_MODULES = (nn.Flatten, nn.Dropout, nn.Identity)
@@ -318,23 +320,22 @@ def _is_transparent(node: fx.Node, model: nn.Module) -> bool:
 def cam_head(model: nn.Module) -> CamHead:
     """Find the CAM layers of a model ending global-average-pool -> (flatten/view/dropout) -> Linear, by torch.fx:
     the feature map is the pool's input, the weight the Linear's. Cached per model object."""
-    if model in _CAM_HEADS:
-        return _CAM_HEADS[model]
+    head = _CAM_HEADS.get(model)
+    if head is not None and head.snapshot.stale(model) is None:
+        return head
     graph = trace(model)
     output = next(n for n in graph.nodes if n.op == "output")
     logits = output.args[0]
     if not isinstance(logits, fx.Node):
         raise UnsupportedModelError("CAM needs a model whose forward() returns the (B, K) logits tensor")
     if logits.op == "call_module" and isinstance(model.get_submodule(logits.target), nn.Linear):
-        linear = model.get_submodule(logits.target)
-        weight = lambda: linear.weight  # noqa: E731
+        weight_path = f"{logits.target}.weight"
     elif logits.op == "call_function" and logits.target is F.linear:
         w = logits.kwargs.get("weight", logits.args[1] if len(logits.args) > 1 else None)
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
             raise UnsupportedModelError(f"CAM: the final linear's weight is not a model attribute "
                                         f"({describe(logits, model)})")
-        path = w.target
-        weight = lambda: operator.attrgetter(path)(model)  # noqa: E731
+        weight_path = w.target
     else:
         raise UnsupportedModelError(
             f"CAM needs the logits to come from a final Linear layer; they come from {describe(logits, model)}")
@@ -348,8 +349,8 @@ def cam_head(model: nn.Module) -> CamHead:
             f"PlainConvNet); the Linear's input comes from {found}")
     features = node.args[0]
     output.args = ((features, logits),)
-    head = CamHead(fx.GraphModule(model, graph, class_name="CamExtractor"), weight, features.name,
-                   logits.name)
+    snapshot = _snapshot(model, [graph])
+    head = CamHead(LiveGraph(model, _reroot(graph), "CamExtractor"), weight_path, features.name, logits.name, snapshot)
     _CAM_HEADS[model] = head
     return head
 
@@ -363,7 +364,7 @@ def cam(model: nn.Module, x: Tensor, classes=None, upsample: bool = True, normal
     head = cam_head(model)
     with torch.no_grad():
         feats, logits = head.extractor(x)
-        W = head.weight().to(feats.dtype)
+        W = head.weight(model).to(feats.dtype)
         sel = _select(classes, x.shape[0], logits.shape[1])
         ks = sel.shared if sel.per_image is None else sorted({k for c in sel.per_image for k in c})
         Wk = W if ks is None else W[list(ks)]

@@ -57,8 +57,9 @@ def verify(model: nn.Module, x: torch.Tensor, classes=None, net=None, verbose: b
     from .compiler import compile as compile_
 
     net = compile_(model) if net is None else net
-    if net.rule != "lrp0":
-        raise ValueError(f"verify compares with autograd input x gradient; this module uses rule={net.rule!r}")
+    if not net.rules.gradient:
+        raise ValueError(f"verify compares with autograd input x gradient; this module's rules {net.rules!r} compute "
+                         "something else")
     with torch.no_grad():
         out = net(x, classes=classes)
         grads = net.gradients(x, classes=classes)

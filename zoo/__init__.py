@@ -5,23 +5,13 @@
     logits, seg = unet(x)                         # every zoo segmentation model returns a SegOutput
 """
 
-from typing import NamedTuple
-
-from torch import Tensor
-
-
-class SegOutput(NamedTuple):
-    """What every zoo segmentation model returns: class logits (None for seg-only models) and (B, K, H, W) maps."""
-
-    logits: Tensor | None
-    seg: Tensor
-
-
-# Imported after SegOutput on purpose: unet.py and baselines.py import SegOutput from this package.
-from zoo.backbones import Stage, classifier, classifier_head, encoder_stages, load_checkpoint, run_stages  # noqa: E402
-from zoo.small import PlainConvNet, SmallVGG  # noqa: E402
-from zoo.unet import MultiTaskUNet, UNet  # noqa: E402
-from zoo.baselines import FCN, WSAE  # noqa: E402
+# What every zoo segmentation model returns (class logits, None for seg-only models, and (B, K, H, W) maps): the
+# interface unroll.segmentation's training loop calls. Imported first: unet.py and baselines.py import it from here.
+from unroll.segmentation.train import SegOutput
+from zoo.backbones import Stage, classifier, classifier_head, encoder_stages, load_checkpoint, run_stages
+from zoo.small import PlainConvNet, SmallVGG
+from zoo.unet import MultiTaskUNet, UNet
+from zoo.baselines import FCN, WSAE
 
 __all__ = [
     "SegOutput",

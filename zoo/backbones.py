@@ -73,16 +73,21 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict or a checkpoint dict")
-    for key in ("model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-    # Checkpoints saved from DistributedDataParallel / torch.compile wrappers carry these prefixes.
-    state = {_strip_prefixes(k, ("module.", "_orig_mod.")): v for k, v in state.items()}
+    state = checkpoint_state(state)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{path} does not fit {type(model).__name__}: {err}") from err
     return model
+
+
+def checkpoint_state(obj: dict) -> dict:
+    """The state dict in a loaded checkpoint: ``obj`` itself or its "model" / "state_dict" entry, keys without the
+    prefixes that DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") wrappers add."""
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return {_strip_prefixes(k, ("module.", "_orig_mod.")): v for k, v in obj.items()}
 
 
 def _strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:

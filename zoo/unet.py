@@ -75,10 +75,23 @@ class Decoder(nn.Module):
         return self.classify(x)
 
 
+def decode_samples(decoder: Decoder, features: list[Tensor], x: Tensor, samples: Tensor | None) -> Tensor:
+    """The decoder on the rows `samples` (an index tensor; None = every row) of the encoder's features of `x`.
+
+    The encoder runs on the whole batch (BatchNorm statistics move once per step) and the decoder only where maps are
+    wanted (the pixel-labelled rows of a training batch); no rows gives a (0, K, H, W) map without running it."""
+    if samples is None:
+        return decoder(features, x.shape[-2:])
+    if len(samples) == 0:
+        return x.new_zeros(0, decoder.classify.out_channels, *x.shape[2:])
+    return decoder([f[samples] for f in features], x.shape[-2:])
+
+
 class UNet(nn.Module):
     """U-Net on `classifier`'s stages (shared modules, shared weights) with a free decoder; seg only.
 
-    forward(x) -> SegOutput(logits=None, seg=(B, num_classes, H, W)), for any H, W.
+    forward(x, samples=None) -> SegOutput(logits=None, seg=(B, num_classes, H, W)), for any H, W; with `samples`
+    the maps of those rows only (see `decode_samples`).
     The classifier's head is kept (it is part of `classifier`) but unused; MultiTaskUNet uses it.
     """
 
@@ -91,12 +104,13 @@ class UNet(nn.Module):
     def encode(self, x: Tensor) -> list[Tensor]:
         return run_stages(self.classifier, self.stages, x)
 
-    def forward(self, x: Tensor) -> SegOutput:
-        return SegOutput(None, self.decoder(self.encode(x), x.shape[-2:]))
+    def forward(self, x: Tensor, samples: Tensor | None = None) -> SegOutput:
+        return SegOutput(None, decode_samples(self.decoder, self.encode(x), x, samples))
 
 
 class MultiTaskUNet(UNet):
-    """UNet plus the classifier's own head on the deepest features: SegOutput(logits=(B, C), seg=(B, K, H, W)).
+    """UNet plus the classifier's own head on the deepest features: SegOutput(logits=(B, C), seg=(B, K, H, W));
+    `samples` as in UNet (the logits are always of every row).
 
     The logits are exactly `classifier(x)`: same modules, same order, one shared encoder pass.
     """
@@ -105,8 +119,8 @@ class MultiTaskUNet(UNet):
         super().__init__(classifier, num_classes, decoder_channels)
         self.head = classifier_head(classifier)
 
-    def forward(self, x: Tensor) -> SegOutput:
+    def forward(self, x: Tensor, samples: Tensor | None = None) -> SegOutput:
         features = self.encode(x)
         pool, fc = (self.classifier.get_submodule(path) for path in self.head)
-        logits = fc(torch.flatten(pool(features[-1]), 1))
-        return SegOutput(logits, self.decoder(features, x.shape[-2:]))
+        logits = fc(torch.flatten(pool(features[-1]), 1))  # every row: the classification loss sees the whole batch
+        return SegOutput(logits, decode_samples(self.decoder, features, x, samples))

@@ -344,7 +344,7 @@ class VOCPixelSet(Dataset):
 
     def sizes(self) -> list[tuple[int, int]] | None:
         """(h, w) of every item as __getitem__ returns it, from the JPEG headers (no decoding); None when training
-        (random crops). Lets evaluation batch equal-size full images (bench.train.size_batches)."""
+        (random crops). Lets evaluation batch equal-size full images (unroll.segmentation.train.size_batches)."""
         if self.train:
             return None
         out = []
@@ -407,3 +407,11 @@ def pad_collate(batch: list[dict]) -> dict:
         "has_mask": torch.tensor([bool(item["has_mask"]) for item in batch]),
         "id": [item["id"] for item in batch],
     }
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Images as the transforms give them (ImageNet-normalised, (..., 3, H, W)) back in [0, 1], on the CPU, for
+    figures: the inverse of ``make_transform``'s ``v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)``."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (images.float().cpu() * std + mean).clamp(0, 1)

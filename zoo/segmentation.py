@@ -24,8 +24,8 @@ Heatmap scale: the heatmaps of the tied models are trained directly with cross-e
 (a temperature, stored as its log, initialised at ``init_scale``); see bench.digits' README section for what we
 measured.
 
-BatchNorm in the tied decoders (``bn_grad``, default True): in train mode unroll's decoder scales the cotangent by
-gamma / sqrt(batch variance), the variance held constant (the heatmap is the gradient with frozen batch statistics).
+BatchNorm in the tied decoders (``bn_grad``, default True: ``unroll.rulesets.TRAIN_BN``): in train mode unroll's
+decoder scales the cotangent by gamma / sqrt(batch variance), the variance held constant (the heatmap is the gradient with frozen batch statistics).
 Held constant in the *training* gradient too, the weights learn as if they could grow the heatmaps freely while
 BatchNorm undoes it, and the running statistics fall behind. Measured on digit scenes (centered input, plain
 heatmaps, all scenes pixel-labelled, 100 steps): eval-mode test F1 fell from 0.91 to 0.003 (0.75 with the same
@@ -42,61 +42,18 @@ from torch import Tensor, nn
 
 import unroll
 import zoo
+from unroll.segmentation.classifier import PERTURBATIONS, ClassifierModel  # noqa: F401  (build("classifier"))
 from zoo import SegOutput
-from zoo.backbones import classifier_head, run_stages
 
 __all__ = ["MODEL_NAMES", "SEG_MODELS", "TIED", "build", "ClassifierModel", "UnrolledModel", "UNetModel", "WSAEModel"]
 
 SEG_MODELS = ("unrolled", "unrolled-eps", "unet", "mt-unet", "ws-ae", "fcn")
 MODEL_NAMES = ("classifier", *SEG_MODELS)
 TIED = ("unrolled", "unrolled-eps", "ws-ae")  # decoders compiled by unroll: heatmap per logit, chunks, checkpoint
-PERTURBATIONS = ("none", "gaussian", "binary")  # model-pert training of the classifier stage
-
-
-def _subset(x: Tensor, samples: Tensor | None) -> Tensor:
-    return x if samples is None else x[samples]
 
 
 def _empty(samples: Tensor | None) -> bool:
     return samples is not None and len(samples) == 0
-
-
-class ClassifierModel(nn.Module):
-    """The classifier alone: SegOutput(logits, None). Image-level training.
-
-    ``perturbation`` ("gaussian" sigma 0.15 of each image's range, "binary" keep-probability 0.9; see
-    ``unroll.attribution.perturb``) perturbs every training batch: the saliency-vs-CAM paper's "model-pert"
-    fine-tuning. The noise of call n is drawn from a generator seeded with (seed, rank, n), and n is part of the
-    state dict, so a resumed run draws exactly the noise an uninterrupted one would; ranks draw different noise.
-    Evaluation (``eval()``) never perturbs.
-    """
-
-    has_logits, has_seg = True, False
-
-    def __init__(self, classifier: nn.Module, perturbation: str = "none", seed: int = 0):
-        super().__init__()
-        if perturbation not in PERTURBATIONS:
-            raise ValueError(f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {perturbation!r}")
-        self.classifier = classifier
-        self.perturbation, self.seed, self.calls = perturbation, seed, 0
-
-    def forward(self, x: Tensor, samples: Tensor | None = None) -> SegOutput:
-        if self.training and self.perturbation != "none":
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            g = torch.Generator().manual_seed(hash((self.seed, rank, self.calls)) % 2**63)
-            self.calls += 1
-            x = unroll.attribution.perturb(x, self.perturbation, g)
-        return SegOutput(self.classifier(x), None)
-
-    # the noise counter travels with checkpoints (a Python int: no device tensor, no host sync to read it)
-    def get_extra_state(self) -> dict:
-        return {"calls": self.calls}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.calls = int(state.get("calls", 0))
-
-    def extra_repr(self) -> str:
-        return f"perturbation={self.perturbation!r}" if self.perturbation != "none" else ""
 
 
 class HeatmapScale(nn.Module):
@@ -119,34 +76,13 @@ class HeatmapScale(nn.Module):
         return "learnable" if self.learn else f"{self.value:g}"
 
 
-def batch_norm_scale(z: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
-    """unroll's BatchNorm decoder scale gamma / sqrt(var + eps), same value, but in train mode the batch variance
-    stays in the autograd graph: the training gradient then includes how the weights move the batch statistics."""
-    if bn.training or bn.running_var is None:
-        dims = [0] + list(range(2, z.dim()))
-        var = z.var(dim=dims, unbiased=False)
-    else:
-        var = bn.running_var
-    scale = torch.rsqrt(var + bn.eps)
-    return scale if bn.weight is None else bn.weight * scale
-
-
-def _batch_norm_rule(r):
-    scale = r.save(batch_norm_scale, r.x, r.module_ref(), name="bn_scale", batched=False)
-    return unroll.ops.channel_scale(r.q, scale)
-
-
-def _overrides(bn_grad: bool, gates: bool = True) -> dict:
-    out = {}
-    if bn_grad:
-        out.update({op: _batch_norm_rule for op, rule in unroll.rules.RULES.items() if rule is unroll.rules.batch_norm})
-    if not gates:  # WS-AE: the decoder's own ReLU instead of the encoder's gates
-        out.update({op: _relu_on_signal for op, rule in unroll.rules.RULES.items() if rule is unroll.rules.relu})
-    return out
-
-
-def _relu_on_signal(r):
-    return torch.relu(r.q)
+def tied_rules(rule: str = "lrp0", epsilon: float = 1e-6, bn_grad: bool = True) -> unroll.rulesets.RuleSet:
+    """The rule set of a tied model: "lrp0" (input x gradient), "epsilon" (LRP-epsilon) or "ws-ae" (ReLU on the
+    signal for every gate), with BatchNorm's batch variance in the autograd graph if `bn_grad` (see above)."""
+    sets = {"lrp0": unroll.rulesets.LRP0, "epsilon": unroll.rulesets.epsilon(epsilon), "ws-ae": unroll.rulesets.WS_AE}
+    if rule not in sets:
+        raise ValueError(f"rule={rule!r}: expected one of {', '.join(sets)}")
+    return sets[rule] | unroll.rulesets.TRAIN_BN if bn_grad else sets[rule]
 
 
 class _Tied(nn.Module):
@@ -173,7 +109,7 @@ class UnrolledModel(_Tied):
                  heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
                  classes_per_chunk: int | str | None = "auto", checkpoint: bool = False):
         super().__init__()
-        self.net = unroll.compile(classifier, rule=rule, epsilon=epsilon, overrides=_overrides(bn_grad),
+        self.net = unroll.compile(classifier, rules=tied_rules(rule, epsilon, bn_grad),
                                   classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
         self.scale = HeatmapScale(heatmap_scale, init_scale)
 
@@ -185,17 +121,14 @@ class WSAEModel(_Tied):
                  bn_grad: bool = True, classes_per_chunk: int | str | None = "auto", checkpoint: bool = False):
         super().__init__()
         # zoo.WSAE's decoder (gates -> ReLU on the signal), compiled here so the BatchNorm rule can be chosen too.
-        self.net = unroll.compile(classifier, overrides=_overrides(bn_grad, gates=False),
+        self.net = unroll.compile(classifier, rules=tied_rules("ws-ae", bn_grad=bn_grad),
                                   classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
         self.scale = HeatmapScale(heatmap_scale, init_scale)
 
 
 class UNetModel(nn.Module):
-    """zoo.UNet / MultiTaskUNet / FCN with the decoder run on the `samples` rows only.
-
-    Same modules and arithmetic as the zoo forward (checked in tests/test_train.py): the classifier's stages on the
-    whole batch, the classifier head on the deepest features (multitask), the zoo decoder on the chosen rows.
-    """
+    """zoo.UNet / MultiTaskUNet / FCN (their forward: the classifier's stages on the whole batch, the classifier head
+    on the deepest features (multitask), the decoder on the `samples` rows), kept as ``seg_model``."""
 
     has_seg = True
 
@@ -213,15 +146,7 @@ class UNetModel(nn.Module):
         return self.seg_model.classifier
 
     def forward(self, x: Tensor, samples: Tensor | None = None) -> SegOutput:
-        m = self.seg_model
-        features = run_stages(m.classifier, m.stages, x)
-        logits = None
-        if self.has_logits:
-            pool, fc = (m.classifier.get_submodule(path) for path in classifier_head(m.classifier))
-            logits = fc(torch.flatten(pool(features[-1]), 1))
-        if _empty(samples):
-            return SegOutput(logits, x.new_zeros(0, m.decoder.classify.out_channels, *x.shape[2:]))
-        return SegOutput(logits, m.decoder([_subset(f, samples) for f in features], x.shape[-2:]))
+        return self.seg_model(x, samples=samples)
 
 
 def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float = 1e-6,

@@ -9,7 +9,7 @@ a pure function of the step, checkpoints that hold everything the next step depe
     metrics = evaluate(model, test_set, num_classes=11)      # {"miou", "per_class", "f1"}
 
 Datasets are map-style and yield dicts ``{"image": (C, H, W) float, "mask": (H, W) long (255 = no label),
-"labels": (K,) multi-hot (background = column 0)}`` (extra keys are ignored). The model is a ``bench.models``
+"labels": (K,) multi-hot (background = column 0)}`` (extra keys are ignored). The model is a ``zoo.segmentation``
 module: ``model(x, samples=rows) -> SegOutput(logits (B, K) or None, seg (len(rows), K, H, W) or None)``.
 
 Batches. Every batch mixes ``round(pixel_fraction * batch_size)`` rows from ``pixel_set`` (pixel labels) with the rest
@@ -34,6 +34,7 @@ ends bit-identical to a run that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -43,7 +44,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from bench.metrics import MultilabelF1, SegmentationIoU
-
 __all__ = [
     "IGNORE",
+    "SegOutput",
     "TrainConfig",
     "TrainResult",
     "BatchStream",
@@ -69,11 +69,20 @@ __all__ = [
     "train",
     "rng_state",
     "set_rng_state",
+    "stable_seed",
 ]
 
 IGNORE = 255
 CKPT_NAME = "ckpt.pt"
 _CKPT_FORMAT = "unroll-bench-train/1"
+
+
+class SegOutput(NamedTuple):
+    """What a model returns to the loop: class logits (B, K) (None for seg-only models) and maps (len(samples), K, H,
+    W) of the ``samples`` rows (None for the classifier alone)."""
+
+    logits: Tensor | None
+    seg: Tensor | None
 
 
 @dataclass
@@ -119,8 +128,13 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------------------------ batches
 
 
-def _seed_from(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+def stable_seed(*parts: int | str) -> int:
+    """One 32-bit seed from integers and strings, the same in every process (``hash(str)`` is salted per process,
+    so strings enter as their UTF-8 bytes); a pure function of ``parts``, e.g. ``stable_seed(seed, "classifier")``."""
+    ints: list[int] = []
+    for p in parts:
+        ints += list(p.encode()) if isinstance(p, str) else [int(p)]
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
 
 
 def collate(items: Sequence[dict]) -> dict[str, Tensor]:
@@ -188,7 +202,7 @@ class BatchStream(Dataset):
         for pos in range(step * per_step, (step + 1) * per_step):
             epoch = pos // size
             if epoch not in perms:
-                perms[epoch] = np.random.default_rng(_seed_from(self.seed, stream, epoch)).permutation(size)
+                perms[epoch] = np.random.default_rng(stable_seed(self.seed, stream, epoch)).permutation(size)
             out.append(int(perms[epoch][pos % size]))
         return out
 
@@ -196,7 +210,7 @@ class BatchStream(Dataset):
         r, w = self.rank, self.world
         with torch.random.fork_rng(devices=[]):
             # augmentation randomness, a function of the step (and of the shard when the batch is split)
-            torch.manual_seed(_seed_from(self.seed, 2, step) if w == 1 else _seed_from(self.seed, 2, step, r))
+            torch.manual_seed(stable_seed(self.seed, 2, step) if w == 1 else stable_seed(self.seed, 2, step, r))
             items = [self.pixel_set[i] for i in self.indices(0, step)[r::w]]
             image_items = [self.image_set[i] for i in self.indices(1, step)[r::w]]
         n_pixel = len(items)
@@ -332,13 +346,18 @@ def same_size_groups(batch: dict) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 64,
              collate_fn: Callable = collate, background: int = 0, classify: bool = True,
              device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, num_workers: int = 0) -> dict:
+             channels_last: bool = False, num_workers: int = 0,
+             progress: bool | Callable[[int, int], None] = False) -> dict:
     """mIoU and per-class IoU of argmax(seg) on ``dataset`` (255 ignored), and image-level macro F1 (background
     excluded, logit > 0) of the model's logits -- or, for seg-only models, of ``model.classifier`` (so a U-Net's
     encoder drift shows as a change in the classifier it shares). Runs in eval mode, restores the mode after.
 
     device / amp_dtype / channels_last / num_workers: where batches go (the model must be there already), autocast
-    dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32)."""
+    dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32).
+    progress: True shows a rich progress bar (images done, time left), a callable gets (images done, total) after
+    every batch; full-image evaluation on a CPU can take hours, and the default (False) is silent."""
+    from .metrics import MultilabelF1, SegmentationIoU  # torchmetrics (an extra): needed here only
+
     was_training = model.training
     model.eval()
     # sync_on_compute=False: one process evaluates the whole set (under torch.distributed, rank 0 alone); without a
@@ -347,7 +366,7 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     f1 = MultilabelF1(num_classes, background_index=background, sync_on_compute=False)
     if device is not None:
         iou, f1 = iou.to(device), f1.to(device)
-    has_seg = has_cls = False
+    seen = {"seg": False, "cls": False}
     try:
         # generator=: a DataLoader otherwise draws its base seed from the global RNG (and resume would drift)
         batches = size_batches(dataset, batch_size)
@@ -355,28 +374,54 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
                             pin_memory=device is not None and torch.device(device).type == "cuda",
                             **({"batch_size": batch_size, "shuffle": False} if batches is None
                                else {"batch_sampler": batches}))
-        for batch in loader:
-            batch = _to_device(batch, device, channels_last)
-            for x, mask, labels in same_size_groups(batch):
-                with _autocast(device, amp_dtype):
-                    out = model(x)
-                    logits = _classifier_logits(model, x, out) if classify else out.logits
-                if out.seg is not None:
-                    iou.update(out.seg.argmax(1), mask)
-                    has_seg = True
-                if logits is not None:
-                    f1.update(logits.float(), labels)
-                    has_cls = True
+        with _progress_bar(progress, len(dataset)) as advance:
+            for batch in loader:
+                batch = _to_device(batch, device, channels_last)
+                _eval_batch(model, batch, iou, f1, classify, device, amp_dtype, seen)
+                advance(len(batch["image"]))
     finally:
         model.train(was_training)
     result: dict[str, Any] = {"miou": None, "per_class": None, "f1": None}
-    if has_seg:
+    if seen["seg"]:
         r = iou.compute()
         result["miou"] = float(r["miou"])
         result["per_class"] = [None if math.isnan(v) else float(v) for v in r["per_class"].tolist()]
-    if has_cls:
+    if seen["cls"]:
         result["f1"] = float(f1.compute())
     return result
+
+
+def _eval_batch(model, batch, iou, f1, classify, device, amp_dtype, seen) -> None:
+    for x, mask, labels in same_size_groups(batch):
+        with _autocast(device, amp_dtype):
+            out = model(x)
+            logits = _classifier_logits(model, x, out) if classify else out.logits
+        if out.seg is not None:
+            iou.update(out.seg.argmax(1), mask)
+            seen["seg"] = True
+        if logits is not None:
+            f1.update(logits.float(), labels)
+            seen["cls"] = True
+
+
+@contextlib.contextmanager
+def _progress_bar(progress: bool | Callable[[int, int], None], total: int):
+    """Yields advance(n): a rich bar when progress is True, progress(done, total) when it is a callable."""
+    done = [0]
+    if callable(progress):
+        def advance(n):
+            done[0] += n
+            progress(done[0], total)
+        yield advance
+    elif progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                      TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task("evaluate", total=total)
+            yield lambda n: bar.advance(task, n)
+    else:
+        yield lambda n: None
 
 
 @torch.no_grad()
@@ -477,7 +522,7 @@ def train(
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt.get("format") != _CKPT_FORMAT:
-            raise ValueError(f"{ckpt_path} is not a bench.train checkpoint")
+            raise ValueError(f"{ckpt_path} is not an unroll.segmentation.train checkpoint")
         if ckpt["config"] != _cfg_dict(cfg):
             diff = {k: (ckpt["config"].get(k), v) for k, v in _cfg_dict(cfg).items() if ckpt["config"].get(k) != v}
             raise ValueError(f"{ckpt_path} was written with another config (saved, now): {diff}; "
