@@ -54,7 +54,7 @@ def reference_gradients(model: nn.Module, x: torch.Tensor, create_graph: bool):
     return torch.stack(grads, 1)
 
 
-def check_equivalence(model: nn.Module, x: torch.Tensor, seed: int = 0):
+def check_equivalence(model: nn.Module, x: torch.Tensor, seed: int = 0, check_samples: bool = True):
     """Every number unroll computes for `model` at `x` equals autograd's (float64)."""
     net = unroll.compile(model)
     if currently_in_test_context():  # (the regression tests call this outside hypothesis)
@@ -80,7 +80,11 @@ def check_equivalence(model: nn.Module, x: torch.Tensor, seed: int = 0):
     classes, samples = list(range(K))[::-1], torch.arange(B)[::2]
     net.classes_per_chunk = 1
     with torch.no_grad():
-        some = net(x, classes=classes, samples=samples).heatmaps
+        some = net(x, classes=classes).heatmaps if not check_samples else \
+            net(x, classes=classes, samples=samples).heatmaps
+    if not check_samples:
+        samples = slice(None)
+    assert some.shape == out.heatmaps[samples][:, classes].shape
     assert (e := error(some, out.heatmaps[samples][:, classes])) < TOL_MAPS, f"classes=/samples= differ ({e:.2e})"
 
     # training: parameter gradients of a heatmap loss, decoder backprop vs autograd double backprop
@@ -115,7 +119,9 @@ def test_random_nets_equal_autograd(spec):
         event(name)
     event(f"{len(spec.ops)} ops, {'train' if spec.train else 'eval'}")
     check_shapes(spec)
-    check_equivalence(spec.build(), spec.input(), spec.seed)
+    # samples= with a batch-shaped input-independent operand is a known bug (test_batch_shaped_constant)
+    batch_operand = any(op.kind == "const_batch_shaped" for op in spec.ops)
+    check_equivalence(spec.build(), spec.input(), spec.seed, check_samples=not batch_operand)
 
 
 # ---------------------------------------------------------------------------------------------- regressions
@@ -152,17 +158,14 @@ def known_bug(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-@known_bug("negative indices into a split's parts are dropped (branch rules)")
 def test_negative_part_index():
     regression(lambda m, y: y.chunk(2, 1)[-1], c_body=2)
 
 
-@known_bug("the same split part as 0 and -2 (branch rules)")
 def test_split_part_by_positive_and_negative_index():
     regression(lambda m, y: torch.split(y, 2, 1)[0] + F.relu(torch.split(y, 2, 1)[-2]), c_body=2)
 
 
-@known_bug("alpha of torch.add is refused, of torch.sub ignored (branch rules)")
 @pytest.mark.parametrize("combine", [
     lambda y: torch.add(y, F.relu(y - 0.1), alpha=2), lambda y: torch.sub(y, y[:, 1:2], alpha=0.5),
     lambda y: y.add(y * 3, alpha=-0.5), lambda y: y.sub(F.relu(y), alpha=3),
@@ -171,7 +174,8 @@ def test_alpha(combine):
     regression(lambda m, y: combine(y))
 
 
-@known_bug("an input-independent operand with the batch dim meets the class dim (branch rules)")
+@known_bug("samples= with an input-independent operand that has the batch dim (w[:B], w[:1].expand(B, ...)): it is "
+           "saved unbatched, so not subset: a shape error, or silently wrong rows (fixed on rules: heatmaps)")
 @pytest.mark.parametrize("batch", [3, 2], ids=["B=K", "B!=K"])
 @pytest.mark.parametrize("operand", [lambda m, y: m.w[:y.shape[0]], lambda m, y: m.w[:1].expand(y.shape[0], -1, -1, -1)],
                          ids=["rows", "expand"])
@@ -180,19 +184,15 @@ def test_batch_shaped_constant(batch, operand):
     regression(lambda m, y: y * operand(m, y), batch=batch, w=nn.Parameter(torch.rand(4, 4, 1, 1) + 0.5))
 
 
-@known_bug("repeated advanced indices are assigned, not accumulated (branch rules)")
 def test_repeated_advanced_index():
     regression(lambda m, y: y[:, [0, 0, 1]], c_body=3)
 
 
-@known_bug("a rewritten op (dropout mask, max-pool indices) producing the logits: NameError (branch rules)")
 @pytest.mark.parametrize("last", [nn.Dropout(0.3), nn.MaxPool1d(2), lambda y: F.dropout(y, 0.3, False)],
                          ids=["Dropout", "MaxPool1d", "F.dropout"])
 def test_last_op_rewritten(last):
     regression(lambda m, y: m.tail(y), last=True, tail=last if isinstance(last, nn.Module) else Lambda(lambda m, y: last(y)))
 
 
-@known_bug("x[..., a:b] raises 'selects along the batch dimension' when the decoder runs (found by the fuzzer; "
-           "ops.slice_back, branch rules)")
 def test_ellipsis_index():
     regression(lambda m, y: y[..., 1:3])
