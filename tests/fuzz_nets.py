@@ -102,6 +102,9 @@ class Op:
     out: tuple  # output shape without the batch dim
     fresh: bool  # output may be modified in place (autograd does not save it, it is no view of the input)
     make: Callable[[], nn.Module] = field(repr=False, compare=False)
+    # output may be .view()ed: None = as the input (elementwise ops, convs keep a permuted layout); False after
+    # permutes, slices and other views; True after .contiguous() and linear layers
+    dense: bool | None = None
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.args.items())
@@ -203,6 +206,7 @@ class State:
     fresh: bool
     batch: int
     train: bool
+    dense: bool = True
 
     @property
     def rank(self):
@@ -277,7 +281,7 @@ def draw_linear(draw, s: State, same_shape=False, n_out=None) -> Op:
         return Lambda(lambda mod, x: F.linear(x, weight=mod.weight, bias=mod.b), weight=w, b=b)
 
     return Op("linear", spelling, dict(n_in=n, n_out=m, bias=bias and spelling != "F_nobias"),
-              (*s.shape[:-1], m), True, make)
+              (*s.shape[:-1], m), True, make, dense=True)
 
 
 ACTIVATIONS = {
@@ -570,13 +574,13 @@ def draw_constant(draw, s: State, mul_only=False) -> Op:
         fn = {"sigmoid_mul": lambda m, x: x * torch.sigmoid(m.c), "exp_add": lambda m, x: x + m.c.exp() - 1,
               "buffer_mul": lambda m, x: x * (m.buf * 2 + 1)}[spelling]
     else:  # batch_shaped: an input-independent operand that has the batch dimension
-        spelling = draw(st.sampled_from(["expand_mul", "expand_add", "zeros_add", "rows_mul", "rows_add"]))
+        spelling = draw(st.sampled_from(["expand_mul", "expand_add", "repeat_add", "rows_mul", "rows_add"]))
         shape_name = draw(st.sampled_from(["batch1_channel", "batch1_full"]))
         shape = (4, *shapes[shape_name][1:]) if spelling.startswith("rows") else shapes[shape_name]  # 4 >= batch
         rest = shape[1:]
         fn = {"expand_mul": lambda m, x: x * m.c.expand(x.shape[0], *rest),
               "expand_add": lambda m, x: x + m.c.expand(x.shape[0], *rest),
-              "zeros_add": lambda m, x: x + (torch.zeros(x.shape[0], *rest, dtype=x.dtype) + m.c),
+              "repeat_add": lambda m, x: x + m.c.repeat(x.shape[0], *[1] * len(rest)),
               "rows_mul": lambda m, x: x * m.c[:x.shape[0]],  # a different operand per sample
               "rows_add": lambda m, x: m.c[:x.shape[0]] + x}[spelling]
 
@@ -610,7 +614,7 @@ def draw_dropout(draw, s: State) -> Op:
            "clone": lambda: Lambda(lambda m, x: x.clone()), "torch_clone": lambda: Lambda(lambda m, x: torch.clone(x))}
     fresh = True if spelling in ("clone", "torch_clone") else s.fresh  # the others return x itself (or a view)
     return Op("identity", spelling, dict(p=p) if spelling in ("module", "F_eval") else {}, s.shape, fresh,
-              fns[spelling])
+              fns[spelling], dense=True if spelling == "contiguous" else None)
 
 
 def chunk_sizes(n, chunks):
@@ -693,7 +697,7 @@ def draw_split(draw, s: State) -> Op:
     args = dict(how=how, dim=dim_arg, arg=k, parts=[index_of[i] for i in order], transforms=transforms,
                 combine=combine, **({"cat_dim": other} if other else {}))
     # not fresh: a part of a split is one of several views, which autograd forbids modifying in place
-    return Op("split", how, args, tuple(out), False, lambda: Lambda(fn))
+    return Op("split", how, args, tuple(out), False, lambda: Lambda(fn), dense=False)
 
 
 def draw_cat(draw, s: State) -> Op:
@@ -767,7 +771,8 @@ def draw_index(draw, s: State) -> Op:
         d = draw(st.integers(1, r + 1))
         index = (slice(None),) * d + (None,)
         out.insert(d - 1, 1)
-    return Op("index", kind, dict(index=index), tuple(out), fresh, lambda: Lambda(lambda m, x: x[index]))
+    return Op("index", kind, dict(index=index), tuple(out), fresh, lambda: Lambda(lambda m, x: x[index]),
+              dense=None if kind == "list" else False)
 
 
 def draw_reshape(draw, s: State) -> Op:
@@ -779,13 +784,13 @@ def draw_reshape(draw, s: State) -> Op:
         kinds.append("unflatten")
     if r >= 2:
         kinds += ["permute", "transpose"]
-        if len(divisors(s.shape[0])) > 2:
+        if len(divisors(s.shape[0])) > 2 and s.dense:
             kinds.append("shuffle")
     kind = draw(st.sampled_from(kinds))
     fresh = s.fresh
     if kind == "flatten":
         out = (numel(s.shape),)
-        spelling = draw(st.sampled_from(["method", "torch", "module", "view", "reshape", "view_neg"]))
+        spelling = draw(st.sampled_from(["method", "torch", "module", "reshape"] + (["view", "view_neg"] if s.dense else [])))
         fns = {"method": lambda m, x: x.flatten(1), "torch": lambda m, x: torch.flatten(x, 1),
                "module": None, "view": lambda m, x: x.view(x.shape[0], -1),
                "reshape": lambda m, x: x.reshape(x.size(0), -1), "view_neg": lambda m, x: x.view(-1, out[0])}
@@ -794,7 +799,7 @@ def draw_reshape(draw, s: State) -> Op:
     elif kind == "flatten_spatial":
         c = s.shape[0]
         out = (c, numel(s.shape[1:]))
-        spelling = draw(st.sampled_from(["method", "torch_kw", "module", "view"]))
+        spelling = draw(st.sampled_from(["method", "torch_kw", "module"] + (["view"] if s.dense else [])))
         fns = {"method": lambda m, x: x.flatten(2), "torch_kw": lambda m, x: torch.flatten(x, start_dim=2),
                "view": lambda m, x: x.view(x.shape[0], c, -1)}
         make = (lambda: nn.Flatten(2)) if spelling == "module" else (lambda: Lambda(fns[spelling]))
@@ -803,7 +808,7 @@ def draw_reshape(draw, s: State) -> Op:
         n = s.shape[-1]
         a = draw(st.sampled_from(divisors(n)[1:-1]))
         out = (*s.shape[:-1], a, n // a)
-        spelling = draw(st.sampled_from(["view", "reshape"]))
+        spelling = draw(st.sampled_from(["reshape"] + (["view"] if s.dense else [])))
         make = (lambda: Lambda(lambda m, x: x.view(x.shape[0], *out))) if spelling == "view" else \
             (lambda: Lambda(lambda m, x: x.reshape(-1, *out)))
         args = dict(to=out)
@@ -817,6 +822,7 @@ def draw_reshape(draw, s: State) -> Op:
         if draw(st.booleans()):
             inner = fn
             fn = lambda m, x: inner(m, x).contiguous()  # noqa: E731
+            spelling += "_contiguous"
         make = lambda: Lambda(fn)  # noqa: E731
         args = dict(dims=dims)
     elif kind == "transpose":
@@ -839,7 +845,10 @@ def draw_reshape(draw, s: State) -> Op:
                               .contiguous().view(x.shape[0], -1, *sp))
         args = dict(groups=g)
         fresh = True
-    return Op(kind, spelling, args, tuple(out), fresh, make)
+    dense = {"permute": False, "transpose": False, "shuffle": True}.get(kind)
+    if kind == "permute" and spelling.endswith("contiguous"):
+        dense = True
+    return Op(kind, spelling, args, tuple(out), fresh, make, dense=dense)
 
 
 def draw_head(draw, s: State, classes: int) -> list[Op]:
@@ -977,6 +986,7 @@ def draw_repeat(draw, s: State) -> Op:
         sizes = [draw(st.sampled_from([-1, 2])) if n == 1 else draw(st.sampled_from([-1, n])) for n in s.shape]
         out = tuple(2 if n == 1 and k == 2 else n for n, k in zip(s.shape, sizes))
         make, args, fresh = (lambda: Lambda(lambda m, x: x.expand(x.shape[0], *sizes))), dict(sizes=sizes), False
+        return Op("repeat", spelling, args, out, fresh, make, dense=False)
     else:
         fn = {"repeat": lambda m, x: x.repeat(1, *reps), "repeat_tuple": lambda m, x: x.repeat((1, *reps)),
               "tile": lambda m, x: x.tile((1, *reps)), "torch_tile": lambda m, x: torch.tile(x, (1, *reps))}[spelling]
@@ -1044,7 +1054,8 @@ def draw_move(draw, s: State) -> Op:
         d = draw(st.sampled_from([i + 1 for i, n in enumerate(s.shape) if n == 1]))
         fn, args = (lambda m, x: x.squeeze(d)), dict(dim=d)
         del out[d - 1]
-    return Op(kind, "method", args, tuple(out), fresh, lambda: Lambda(fn))
+    return Op(kind, "method", args, tuple(out), fresh, lambda: Lambda(fn),
+              dense=False if kind in ("narrow", "movedim", "swapaxes", "squeeze", "unsqueeze") else None)
 
 
 # ---------------------------------------------------------------------------------------------- the net strategy
@@ -1108,7 +1119,7 @@ def nets(draw, max_ops: int = 6) -> NetSpec:
         if numel(op.out) > MAX_NUMEL or len(op.out) > 3 or min(op.out) < 1:
             continue  # too big (or a generator bug, caught by test_generated_shapes): skip this op
         ops.append(op)
-        s = State(op.out, op.fresh, batch, train)
+        s = State(op.out, op.fresh, batch, train, s.dense if op.dense is None else op.dense)
     ops += draw_head(draw, s, classes)
     return NetSpec(batch, (c, *sizes), classes, train, seed, ops)
 

@@ -27,9 +27,10 @@ pytestmark = pytest.mark.fuzz
 TOL_MAPS = 1e-10  # heatmaps and input gradients, relative to their largest value
 TOL_LOGITS = 1e-12
 TOL_PARAMS = 1e-9  # parameter gradients of the heatmap loss, per parameter
-# Where the reference is structurally zero (a mean subtracted, then averaged) both sides hold round-off (~1e-17):
-# errors are relative to at least FLOOR, so such nets pass with absolute errors below tol * FLOOR.
-FLOOR = 1e-6
+# Where the reference is structurally zero (a mean subtracted, then averaged; x - 3 * (x / 3)) both sides hold
+# round-off, amplified by later layers (a BN scale of 200 gave 3e-15): errors are relative to at least FLOOR, so
+# such nets pass with absolute errors below tol * FLOOR (1e-14 for maps). Real maps here are O(0.1 .. 10).
+FLOOR = 1e-4
 
 
 def error(ours: torch.Tensor, ref: torch.Tensor, floor: float = FLOOR) -> float:
@@ -113,6 +114,7 @@ def check_shapes(spec: NetSpec):
             assert tuple(x.shape) == (spec.batch, *op.out), f"generator bug at {op!r}: got {tuple(x.shape)}"
 
 
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 @given(spec=nets())
 def test_random_nets_equal_autograd(spec):
     for name in op_names(spec):
