@@ -259,7 +259,7 @@ def draw_conv(draw, s: State, same_shape=False) -> Op:
         return Lambda(lambda m, x: conv_f(x, m.weight, bias=m.b, stride=s_arg, padding=pad_arg, dilation=d_arg,
                                           groups=groups), **members)
 
-    return Op("conv", spelling, args, (c_out, *out_sp), True, make)
+    return Op("conv", spelling + ("" if mode == "zeros" else f"_{mode}"), args, (c_out, *out_sp), True, make)
 
 
 def draw_linear(draw, s: State, same_shape=False, n_out=None) -> Op:
@@ -937,7 +937,7 @@ def draw_interpolate(draw, s: State) -> Op:
             return nn.Upsample(**kw)
         return Lambda(lambda m, x: F.interpolate(x, **kw))
 
-    return Op("interpolate", spelling, kw, (s.shape[0], *out), True, make)
+    return Op("interpolate", f"{mode}_{spelling}", kw, (s.shape[0], *out), True, make)
 
 
 def draw_pad(draw, s: State) -> Op:

@@ -6,9 +6,10 @@ heatmap loss (decoder backprop vs autograd double backprop). BatchNorm on batch 
 running stats) is compared with autograd through a BN whose batch statistics are detached, the gradient unroll
 documents (README, "Semantics worth knowing").
 
-Profiles (registered in tests/conftest.py): the default run uses `fuzz-ci` (derandomised: the same examples every
-run, no example database); `HYPOTHESIS_PROFILE=fuzz-long python -m pytest tests/test_fuzz.py -m fuzz` draws fresh
-examples for a long run (add --hypothesis-show-statistics for op coverage). A failure prints the shrunk NetSpec
+Profiles (registered in tests/conftest.py): the default run uses `fuzz-ci` (100 derandomised examples: the same
+every run, no example database; ~12 s on one thread); `HYPOTHESIS_PROFILE=fuzz-long python -m pytest
+tests/test_fuzz.py -m fuzz` draws fresh examples for a long run (FUZZ_EXAMPLES=N, default 5000, about 20 per second
+on one thread; add --hypothesis-show-statistics for op coverage). A failure prints the shrunk NetSpec
 and the emitted decoder; each one found becomes a named test in the regressions section below.
 """
 import pytest
