@@ -296,13 +296,20 @@ class Emitter:
     def _input_for_decoder(self) -> fx.Node:
         """The input, for the final skip multiplication -- cloned first if some op would modify it in place."""
         x = self.input
-        for user in x.users:
-            module = self._module(user)
-            if (getattr(module, "inplace", False) or user.kwargs.get("inplace")  # (`x += y` traces as operator.add)
-                    or (user.op == "call_method" and str(user.target).endswith("_"))):
-                with self.enc.inserting_after(x):
-                    return self.enc.call_method("clone", (x,))
+        if any(self._in_place(user) for user in x.users):
+            with self.enc.inserting_after(x):
+                return self.enc.call_method("clone", (x,))
         return x
+
+    def _in_place(self, node: fx.Node) -> bool:
+        """Whether an op may modify its input: a module or functional with inplace=True (fx records F.relu's
+        arguments by keyword), a method or torch function named like `relu_` / `leaky_relu_` (`x += y` traces as
+        operator.add: nothing to catch there)."""
+        if getattr(self._module(node), "inplace", False) or node.kwargs.get("inplace"):
+            return True
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
+            and not name.endswith("__")
 
     def _plan_epsilon(self):
         """Where LRP-epsilon acts, decided on the untouched graph: at each layer output z (conv / linear / BN, a
