@@ -443,3 +443,29 @@ def test_one_constant_used_twice_compiles():
         return y * c + (y * 3.0) * c
 
     assert_matches_autograd(*body_model(twice, w=nn.Parameter(torch.rand(1, 6, 1, 1, dtype=torch.double))))
+
+
+class InPlaceFirst(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.conv, self.fc = fn, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, K)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(self.fn(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: F.leaky_relu_(x, 0.1),  # a torch function named like an in-place op (torch._C._nn.leaky_relu_)
+    lambda x: F.leaky_relu(x, 0.1, True),  # (fx records the functional's arguments by keyword)
+    lambda x: x.mul_(2.0),
+], ids=["leaky_relu_", "leaky_relu_inplace", "mul_"])
+def test_an_input_modified_in_place_is_cloned_for_the_skip_multiply(fn):
+    """The heatmap multiplies the gradient by the input as given: an op modifying the input in place must not
+    change it. `F.leaky_relu_(x, s)` was missed (8% off: the skip multiply saw s x where x < 0)."""
+    model = randomize(InPlaceFirst(fn))
+    reference = randomize(InPlaceFirst(lambda x: fn(x * 1.0)))  # (autograd refuses in-place ops on a leaf)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 6, 5, dtype=torch.double)
+    grads, _ = autograd_gradients(reference, x)
+    out = unroll.compile(model)(x.clone())
+    assert relative_error(out.heatmaps, (grads * x.unsqueeze(1)).sum(2)) < 1e-10

@@ -24,12 +24,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops, rules, rulesets, tracing
+from . import batchness, ops, rules, rulesets, tracing
 from .errors import UnsupportedModelError, describe
 from .schema import normalized_arguments
 
-_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
-_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_SHAPE_ATTRS = batchness.SHAPE_ATTRS
 
 
 def trace(model: nn.Module, example: torch.Tensor | None = None, output: Any = None) -> fx.Graph:
@@ -43,12 +42,6 @@ def _is_non_differentiable(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _SHAPE_ATTRS
     return node.op in ("call_function", "call_method") and node.target in rules.NON_DIFFERENTIABLE
-
-
-def _is_shape_query(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in _SHAPE_ATTRS
-    return node.op == "call_method" and node.target in ("size", "dim", "numel", "type")
 
 
 class Step:
@@ -73,8 +66,21 @@ class Step:
         return isinstance(value, fx.Node) and value in self.em.active
 
     def derived(self, value: Any) -> bool:
-        """Computed from the input's values (a mask `y > 0.1`, an active node): it has the batch dimension."""
+        """Has the batch dimension in front (unroll.batchness): computed from the input's values (a mask
+        `y > 0.1`, an active node), or built with the batch size (`torch.ones((x.size(0), C, 1, 1))`,
+        `torch.zeros_like(y)`)."""
         return isinstance(value, fx.Node) and value in self.em.derived
+
+    def decided(self, value: Any) -> None:
+        """Refuse a value whose batch-ness the graph does not tell (the batch size went into it some way
+        unroll.batchness does not follow), naming the node that made it so."""
+        if isinstance(value, fx.Node) and value in self.em.batchness.undecided:
+            cause = self.em.batchness.undecided[value]
+            self.unsupported(
+                f"its operand '{value.name}' is built from the batch size in a way unroll cannot tell gives it the "
+                f"batch dim in front or not, at\n    {describe(cause, self.em.root)}\n"
+                "  Build it with the batch size first (torch.ones((x.size(0), C, 1, 1)), x.new_zeros(x.shape), "
+                "torch.zeros_like(x)), or without the batch size (a size-1 first dim)")
 
     def operand(self, value: Any, partner: fx.Node) -> Any:
         """An input-independent operand of an elementwise op with the active tensor `partner`, inside the decoder,
@@ -82,11 +88,10 @@ class Step:
         dim. A value computed from the input's values (a mask) is saved per sample, so samples= subsets it."""
         if not isinstance(value, fx.Node):
             return value
+        self.decided(value)
         if self.derived(value):
-            value = self.save(ops.batch_operand, value, partner, name="operand")
-        else:
-            value = self.constant(value)
-        return ops.class_broadcast(value, self.q)
+            return ops.class_broadcast(self.save(ops.batch_operand, value, partner, name="operand"), self.q)
+        return ops.constant_broadcast(self.constant(value), self.q, repr(value.name))
 
     def save(self, fn: Callable, *args: Any, name: str, batched: bool = True, after: bool = False) -> fx.Proxy:
         """Have the forward pass compute fn(*args) (right before this node, or after it) and return it; the
@@ -121,8 +126,10 @@ class Step:
             return value
         if value.op == "get_attr":
             return self.em.decoder_attr(value.target)
+        self.decided(value)
         if self.derived(value):
-            self.unsupported(f"'{value.name}' is computed from the input and used here as a weight or constant")
+            self.unsupported(f"'{value.name}' has the batch dimension (it is computed from the input, or built with "
+                             "the batch size) and is used here as a weight or constant")
         return self.em.saved_input(value, f"const_{value.name}", False)
 
     def rewrite_with_indices(self, fn: Callable, x: fx.Node, **kwargs: Any) -> fx.Proxy:
@@ -181,7 +188,8 @@ class Emitter:
                 f"the model returns {type(self.logits).__name__} ({self.logits!r:.200}); unroll needs forward() to "
                 "return the logits as one (B, K) tensor. Wrap the model to return just the class scores.")
         self.active = self._active_nodes()
-        self.derived = self._derived_nodes()
+        self.batchness = batchness.analyse(graph, self.input)
+        self.derived = self.batchness.batched  # (rewritten nodes join it: Step._rewrite)
         if self.logits not in self.active:
             raise UnsupportedModelError("the model's output does not depend on its input")
         self._check_rules()
@@ -198,16 +206,6 @@ class Emitter:
                 if any(a in active for a in n.all_input_nodes):
                     active.add(n)
         return active
-
-    def _derived_nodes(self) -> set[fx.Node]:
-        """Nodes computed from the input's values, differentiable or not (`y > 0.1` is): they have its batch
-        dimension. Shape queries (`x.shape`, `x.size(0)`) cut the flow: what is built from them is not per-sample."""
-        derived = {self.input}
-        for n in self.enc.nodes:
-            if n.op in ("call_function", "call_method", "call_module") and not _is_shape_query(n):
-                if any(a in derived for a in n.all_input_nodes):
-                    derived.add(n)
-        return derived
 
     def _needed(self) -> list[fx.Node]:
         """Active nodes on a path from the input to the logits: exactly those the decoder must reverse."""
@@ -298,13 +296,20 @@ class Emitter:
     def _input_for_decoder(self) -> fx.Node:
         """The input, for the final skip multiplication -- cloned first if some op would modify it in place."""
         x = self.input
-        for user in x.users:
-            module = self._module(user)
-            if (getattr(module, "inplace", False) or user.kwargs.get("inplace") or user.target in _INPLACE_FUNCS
-                    or (user.op == "call_method" and str(user.target).endswith("_"))):
-                with self.enc.inserting_after(x):
-                    return self.enc.call_method("clone", (x,))
+        if any(self._in_place(user) for user in x.users):
+            with self.enc.inserting_after(x):
+                return self.enc.call_method("clone", (x,))
         return x
+
+    def _in_place(self, node: fx.Node) -> bool:
+        """Whether an op may modify its input: a module or functional with inplace=True (fx records F.relu's
+        arguments by keyword), a method or torch function named like `relu_` / `leaky_relu_` (`x += y` traces as
+        operator.add: nothing to catch there)."""
+        if getattr(self._module(node), "inplace", False) or node.kwargs.get("inplace"):
+            return True
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
+            and not name.endswith("__")
 
     def _plan_epsilon(self):
         """Where LRP-epsilon acts, decided on the untouched graph: at each layer output z (conv / linear / BN, a

@@ -282,6 +282,20 @@ def split_back(q, shapes, dim):
 
 
 @graph_op
+def constant_broadcast(c, q, name: str):
+    """`class_broadcast` for an operand the compiler found to have no batch dim (nothing of the input, nor its
+    batch size, went into building it). Broadcasting would still pair a first dim of size B with the samples --
+    and samples= would not subset it -- so a full-rank operand must have a size-1 first dim."""
+    if isinstance(c, torch.Tensor) and c.dim() == q.dim() - 1 and c.shape[0] != 1:
+        raise RuntimeError(
+            f"unroll: the operand {name} has shape {tuple(c.shape)}: its first dim ({c.shape[0]}) meets the batch "
+            "dim, but it was not built from the input or its batch size, so unroll cannot keep it per sample. "
+            "Build it with the batch size (torch.ones((x.size(0), ...)), x.new_zeros(x.shape), "
+            "torch.ones_like(x)) or give it a size-1 first dim.")
+    return class_broadcast(c, q)
+
+
+@graph_op
 def class_broadcast(c, q):
     """An operand c of an elementwise op, ready to meet the cotangent q (B, K, ...): where c has as many dims as
     the op's output it has the batch dim in front (size B or 1), so the class dim goes after it; a c with fewer

@@ -19,12 +19,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import ops
+from .batchness import LIKE, NEW_FACTORIES
 
 RULES: dict[object, Callable] = {}
 LAYERS: set[object] = set()  # ops whose output is a layer output z for LRP-epsilon (conv, linear, batch norm)
 ACTIVATIONS: dict[object, Callable] = {}  # op -> its out-of-place function of (step, z), for LRP-epsilon
 NON_DIFFERENTIABLE: set[object] = {"size", "dim", "numel", "type", "__eq__", "__ne__", operator.eq, operator.ne,
-                                   operator.gt, operator.lt, operator.ge, operator.le, torch.argmax, "argmax"}
+                                   operator.gt, operator.lt, operator.ge, operator.le, torch.argmax, "argmax",
+                                   *LIKE, *NEW_FACTORIES}  # (factories read only shapes: torch.ones_like(y))
 
 
 def rule(*ops_: object, activation: Callable | None = None, layer: bool = False):
