@@ -5,6 +5,8 @@ different values per sample (`.cumsum(0)` over the batch), so a row paired with 
 
 Before (main at aaab9a8): these compiled with the operand as a batch-less constant -- samples= of one row returned
 B rows, of several a RuntimeError -- or, for *_like / new_* of an active tensor, were refused ("no unroll rule")."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -37,11 +39,14 @@ BUILT = {
     "where(ones_like mask)": lambda s, y: torch.where(ramp(torch.ones_like(y)) % 2 > 0.5, y, 0.0),
     "constant.expand(size(0))": lambda s, y: y * ramp(s.w.expand(y.size(0), -1, -1, -1)),
     "constant.view(size(0))": lambda s, y: y * ramp(s.w.view(1, C, 1, 1).expand(y.shape[0], C, 1, 1)),
+    "table[:size(0)]": lambda s, y: y * s.table[:y.size(0)],  # rows differ already: one per sample
+    "table[:shape[0], :C]": lambda s, y: s.table[0:y.shape[0]:1, :C] * y,
 }
 
 
 def built_model(name):
-    return body_model(BUILT[name], w=nn.Parameter(torch.rand(1, C, 1, 1, dtype=torch.double) + 0.5))
+    return body_model(BUILT[name], w=nn.Parameter(torch.rand(1, C, 1, 1, dtype=torch.double) + 0.5),
+                      table=nn.Parameter(torch.rand(8, C, 1, 1, dtype=torch.double) + 0.5))
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 5])  # K = 3: B == K, B != K
@@ -85,7 +90,7 @@ def test_random_per_sample_mask_follows_the_sample():
 @pytest.mark.parametrize("fn, culprit", [
     (lambda s, y: y * torch.ones((y.shape[-4], C, 1, 1)), "ones"),  # a negative index: the batch dim or not
     (lambda s, y: y * torch.ones((y.size(0) * 1, C, 1, 1)), "ones"),  # arithmetic on the batch size
-    (lambda s, y: y * s.table[:y.size(0)], "getitem"),  # a tensor op reading the batch size
+    (lambda s, y: y * s.table[1:y.size(0) + 1], "getitem"),  # a slice whose end is arithmetic on the batch size
     (lambda s, y: y * s.w.repeat(y.size(0), 1, 1, 1), "repeat"),  # repeat: B rows only if w has one
 ], ids=["negative_index", "arithmetic", "slice_of_a_table", "repeat"])
 def test_undecidable_batchness_is_refused_naming_the_node(fn, culprit):
@@ -127,3 +132,29 @@ def test_factories_without_the_batch_size_are_constants(fn):
     model, x = body_model(fn, w=nn.Parameter(torch.rand(1, C, 1, 1, dtype=torch.double)))
     net = assert_matches_autograd(model, x)
     torch.testing.assert_close(net(x, samples=[1]).heatmaps, net(x).heatmaps[[1]], rtol=1e-12, atol=1e-12)
+
+
+def pad_same(y, k=3, stride=2):
+    """timm's pad_same: 'same' padding amounts computed from the map's size, with Python's math."""
+    ih, iw = y.size()[-2:]
+    pad_h = max((math.ceil(ih / stride) - 1) * stride + k - ih, 0)
+    pad_w = max((math.ceil(iw / stride) - 1) * stride + k - iw, 0)
+    return F.pad(y, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, y: pad_same(y),
+    lambda s, y: y * y.size(-3) ** -0.5,  # attention's scale from a negative index
+    lambda s, y: y * (1.0 / math.sqrt(y.shape[-1] * y.shape[-2])),
+    lambda s, y: y * (2.0 / math.sqrt(y.size(0))),  # a number computed from the batch size
+    lambda s, y: F.pad(y, (0, y.size(0) - 1)),  # padded by the batch size
+], ids=["pad_same", "pow", "math.sqrt", "number_of_the_batch_size", "pad_by_the_batch_size"])
+def test_numbers_from_shapes_are_not_tensors(fn):
+    """Python numbers computed from shapes (math.ceil, **, math.sqrt of sizes) have no batch dim, whatever sizes
+    they read: they were undecided (math.ceil and ** were taken for tensor ops), so timm's tf_efficientnet
+    (pad_same) was refused ("cannot unroll node 'pad_4'")."""
+    model, _ = body_model(fn)
+    x = torch.randn(3, 3, 7, 6, dtype=torch.double)
+    net = assert_matches_autograd(model, x, unroll.compile(model, example=x))  # (max() branches on the shape)
+    full = net(x).heatmaps
+    assert relative_error(net(x, samples=[2, 0]).heatmaps, full[[2, 0]]) < 1e-12

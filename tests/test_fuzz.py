@@ -122,9 +122,7 @@ def test_random_nets_equal_autograd(spec):
         event(name)
     event(f"{len(spec.ops)} ops, {'train' if spec.train else 'eval'}")
     check_shapes(spec)
-    # samples= with a batch-shaped input-independent operand is a known bug (test_batch_shaped_constant)
-    batch_operand = any(op.kind == "const_batch_shaped" for op in spec.ops)
-    check_equivalence(spec.build(), spec.input(), spec.seed, check_samples=not batch_operand)
+    check_equivalence(spec.build(), spec.input(), spec.seed)
 
 
 # ---------------------------------------------------------------------------------------------- regressions
@@ -157,10 +155,6 @@ def regression(body, batch=2, **kwargs):
     check_equivalence(model, torch.randn(batch, 3, 5, 4, dtype=torch.double))
 
 
-def known_bug(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 def test_negative_part_index():
     regression(lambda m, y: y.chunk(2, 1)[-1], c_body=2)
 
@@ -177,13 +171,14 @@ def test_alpha(combine):
     regression(lambda m, y: combine(y))
 
 
-@known_bug("samples= with an input-independent operand that has the batch dim (w[:B], w[:1].expand(B, ...)): it is "
-           "saved unbatched, so not subset: a shape error, or silently wrong rows (fixed on rules: heatmaps)")
 @pytest.mark.parametrize("batch", [3, 2], ids=["B=K", "B!=K"])
 @pytest.mark.parametrize("operand", [lambda m, y: m.w[:y.shape[0]], lambda m, y: m.w[:1].expand(y.shape[0], -1, -1, -1)],
                          ids=["rows", "expand"])
 def test_batch_shaped_constant(batch, operand):
-    """B=K with rows differing per sample was silently wrong; the other cases failed in the decoder."""
+    """samples= with an input-independent operand that has the batch dim (w[:B], w[:1].expand(B, ...)): it was
+    saved unbatched, so not subset -- B=K with rows differing per sample was silently wrong, the other cases failed
+    in the decoder. unroll.batchness now finds both built with the batch size (expand: branch rules2; the first B
+    rows of a parameter: branch integrate), so they are saved per sample."""
     regression(lambda m, y: y * operand(m, y), batch=batch, w=nn.Parameter(torch.rand(4, 4, 1, 1) + 0.5))
 
 
