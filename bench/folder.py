@@ -1,6 +1,6 @@
 """python -m bench.folder -- train, evaluate and predict on your own segmentation data (the folder format of
 ``unroll.segmentation.folder``: DATA/images/, DATA/masks/, classes.txt or dataset.json, optional labels.csv and
-splits/; see docs/own-data.md).
+splits/; see the README section "Your own data").
 
     python -m bench.folder train DATA --labels 10 --model unrolled --backbone resnet18 --out runs/mine
     python -m bench.folder evaluate --checkpoint runs/mine/ckpt.pt DATA --split test

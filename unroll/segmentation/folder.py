@@ -376,7 +376,7 @@ def scan(root: str | os.PathLike, spec: FolderSpec) -> FolderData:
         if not splits:
             splits = None
     if problems:
-        raise DataError(problems, "fix these files (the folder format: docs/own-data.md)")
+        raise DataError(problems, "fix these files (the folder format: README, 'Your own data')")
     return FolderData(root, spec, images, masks, labels, splits)
 
 
