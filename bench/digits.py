@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from bench import models as bench_models
+from zoo import segmentation as bench_models
 from bench.cli import integer, number
-from bench.models import TIED  # models whose maps are heatmaps of the classifier
-from bench.train import BALANCES, TrainConfig, evaluate, predict, train
+from zoo.segmentation import TIED  # models whose maps are heatmaps of the classifier
+from unroll.segmentation.train import BALANCES, TrainConfig, evaluate, predict, train
 
 __all__ = ["main", "build_parser", "plan", "DEFAULT_MODELS"]
 

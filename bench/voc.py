@@ -9,7 +9,8 @@
    labels (read once from the XML, cached beside the data). Batches of ``--batch-size`` (10) hold about half of
    each; maps are computed for the pixel-labelled rows only. Loss ``--seg-weight`` x pixel-wise softmax CE over the
    21 stacked maps + ``--cls-weight`` x sigmoid CE on the logits (background weight 0). AdamW, ``--lr`` 1e-5.
-   Augmentation: random scale (0.5-2), crop ``--image-size`` (256), horizontal flip. One loop: ``bench.train``.
+   Augmentation: random scale (0.5-2), crop ``--image-size`` (256), horizontal flip. One loop:
+   ``unroll.segmentation.train``.
 3. Evaluation on the 1449 segmentation ``val`` images, full images, 255 ignored: mIoU, per-class IoU, and the image-
    level macro F1 over the 20 object classes (logit > 0). Val is never used for selection: ``--select-on K`` holds
    out K segmentation-train images outside the N labelled ones and keeps the step with the best held-out mIoU;
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cli import class_chunks, integer, number
-from bench.models import SEG_MODELS, TIED
+from zoo.segmentation import SEG_MODELS, TIED
 
 __all__ = ["main", "build_parser", "MODELS"]
 
@@ -252,9 +253,9 @@ def get_classifier(args, data, device, rank, world, run_kw, console) -> tuple[to
     """The 21-output classifier the segmentation model starts from: --classifier, or the cached / freshly trained
     classification-only stage."""
     import zoo
-    from bench import models as bench_models
+    from zoo import segmentation as bench_models
     from bench.data.voc import NUM_CLASSES
-    from bench.train import TrainConfig, train
+    from unroll.segmentation.train import TrainConfig, train
 
     if args.classifier is not None:
         clf = zoo.classifier(args.backbone, NUM_CLASSES, weights=args.classifier)
@@ -428,9 +429,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, parser, rank, world, device, console) -> int:
-    from bench import models as bench_models
+    from zoo import segmentation as bench_models
     from bench.data.voc import CLASSES, NUM_CLASSES, VOCMissingError
-    from bench.train import TrainConfig, collate, evaluate, predict, train
+    from unroll.segmentation.train import TrainConfig, collate, evaluate, predict, train
 
     out = Path(args.out)
     try:

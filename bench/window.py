@@ -30,9 +30,9 @@ from rich.table import Table
 import unroll
 from unroll import attribution as attr
 
-from bench.resolve import normalize, resolve_basic, threshold_sweep
+from unroll.segmentation.resolve import normalize, resolve_basic, threshold_sweep
 from bench.wsss import _progress, add_threads_flag, classifier_scores, console, set_threads, train_classifier
-from bench.wsss_metrics import TAU_CAM, wsss_metrics
+from unroll.segmentation.wsss_metrics import TAU_CAM, wsss_metrics
 
 __all__ = ["WindowConfig", "run", "main"]
 

@@ -18,9 +18,9 @@ maps of each test image's positive classes (the image labels are known: weak sup
 (CAM; vanilla saliency; input x gradient; SmoothGrad, BinaryMask, random crops / patches, discriminative crops /
 patches, all batched through the unrolled decoder) and from "model-pert" classifiers (the classifier fine-tuned with
 `perturb` noise, then vanilla saliency; plus a control fine-tuned without noise) -> each background resolve of
-`bench.resolve` (basic and smooth at the best threshold of the 0.01..0.50 sweep, superpixel at 0.3) ->
-`bench.wsss_metrics`. DR / NDR are the ground-truth pixels where the base classifier's CAM of their class is >= / <
-0.25, the same regions for every method.
+`unroll.segmentation.resolve` (basic and smooth at the best threshold of the 0.01..0.50 sweep, superpixel at
+0.3) -> `unroll.segmentation.wsss_metrics`. DR / NDR are the ground-truth pixels where the base classifier's CAM of
+their class is >= / < 0.25, the same regions for every method.
 
 Writes to OUT: results.json (everything, including the sweeps and timings), results.md (the tables), panel_<method>.png
 (image, GT, CAM, saliency, the method's map, its three resolved masks), hyperplanes.png (the CAM / saliency scatter of
@@ -51,8 +51,9 @@ import unroll
 from unroll import attribution as attr
 from unroll.attribution import Perturb, perturb  # noqa: F401  (re-exported: the model-pert transform)
 
-from bench.resolve import DEFAULT_THRESHOLDS, RESOLVES, normalize, prepare, resolve_basic, superpixels, threshold_sweep
-from bench.wsss_metrics import TAU_CAM, wsss_metrics
+from unroll.segmentation.resolve import (DEFAULT_THRESHOLDS, RESOLVES, normalize, prepare, resolve_basic, superpixels,
+                                         threshold_sweep)
+from unroll.segmentation.wsss_metrics import TAU_CAM, wsss_metrics
 
 __all__ = ["train_classifier", "perturb", "Perturb", "run", "main", "METHOD_ORDER", "TABLES"]
 
@@ -236,7 +237,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 def classifier_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> dict:
     """Macro F1 over the object classes (logit > 0), the exact-match rate of the image's class set, and top-1: how
     often the highest object logit is one of the image's classes."""
-    from bench.metrics import MultilabelF1
+    from unroll.segmentation.metrics import MultilabelF1
 
     device = next(model.parameters()).device
     with torch.no_grad():

@@ -113,9 +113,9 @@ def test_full_image_evaluation_does_not_depend_on_batching(voc_root):
     knows its sizes, same-size groups of a padded batch otherwise. Padding would change the result (checked)."""
     from torch.utils.data import Subset
 
-    from bench import models as bench_models
+    from zoo import segmentation as bench_models
     from bench.data.voc import VOCPixelSet
-    from bench.train import collate, evaluate
+    from unroll.segmentation.train import collate, evaluate
 
     ds = VOCPixelSet(voc_root, image_set="train", train=False)  # 6 full images, 3 sizes
     assert len(set(ds.sizes())) == 3 and ds.sizes()[0] == tuple(ds[0]["image"].shape[-2:])

@@ -1,4 +1,4 @@
-"""bench.metrics against hand-computed examples."""
+"""unroll.segmentation.metrics against hand-computed examples."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from bench.metrics import MultilabelF1, SegmentationIoU
+from unroll.segmentation.metrics import MultilabelF1, SegmentationIoU
 
 nan = math.nan
 

@@ -1,5 +1,5 @@
-"""bench.train and bench.models: batches, loss, tied parameters, BatchNorm once per step, heatmaps = input x gradient,
-any input size, exact resume, selection on the validation set. Tiny models on CPU, seconds."""
+"""unroll.segmentation.train and zoo.segmentation: batches, loss, tied parameters, BatchNorm once per step, heatmaps =
+input x gradient, any input size, exact resume, selection on the validation set. Tiny models on CPU, seconds."""
 
 import copy
 
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import zoo
-from bench import models as M
-from bench import train as T
+from zoo import segmentation as M
+from unroll.segmentation import train as T
 from unroll.verify import autograd_heatmaps
 
 K = 4  # classes, background included

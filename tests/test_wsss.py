@@ -1,4 +1,4 @@
-"""bench.wsss_metrics, bench.resolve and the bench.wsss / bench.window command lines."""
+"""unroll.segmentation.wsss_metrics, unroll.segmentation.resolve and the bench.wsss / bench.window command lines."""
 import json
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from torchmetrics import Metric
 
-from bench.metrics import SegmentationIoU
-from bench.resolve import (SWEEP_THRESHOLDS, normalize, resolve, resolve_basic, smooth_maps, superpixel_maps,
-                           superpixels, threshold_sweep)
-from bench.wsss_metrics import DRRecall, ForegroundPrecision, NDRRecall, RegionRecall, wsss_metrics
+from unroll.segmentation.metrics import SegmentationIoU
+from unroll.segmentation.resolve import (SWEEP_THRESHOLDS, normalize, resolve, resolve_basic, smooth_maps,
+                                         superpixel_maps, superpixels, threshold_sweep)
+from unroll.segmentation.wsss_metrics import DRRecall, ForegroundPrecision, NDRRecall, RegionRecall, wsss_metrics
 
 # ------------------------------------------------------------------------------------------------ metrics
 # one 2x4 image, classes 0 (background), 1, 2; one ignored pixel

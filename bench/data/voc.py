@@ -344,7 +344,7 @@ class VOCPixelSet(Dataset):
 
     def sizes(self) -> list[tuple[int, int]] | None:
         """(h, w) of every item as __getitem__ returns it, from the JPEG headers (no decoding); None when training
-        (random crops). Lets evaluation batch equal-size full images (bench.train.size_batches)."""
+        (random crops). Lets evaluation batch equal-size full images (unroll.segmentation.train.size_batches)."""
         if self.train:
             return None
         out = []

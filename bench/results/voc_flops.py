@@ -3,7 +3,7 @@
 import torch, torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 import zoo
-from bench import models as M
+from zoo import segmentation as M
 
 torch.manual_seed(0)
 for backbone in ("resnet50", "vgg16_bn"):

@@ -13,8 +13,8 @@ All are torchmetrics ``Metric`` classes (states summed over batches and processe
 
 Metrics:
 
-``SegmentationIoU`` (re-exported from :mod:`bench.metrics`): mIoU over all classes, background included (see there:
-one dataset confusion matrix, classes absent from target and prediction excluded).
+``SegmentationIoU`` (re-exported from :mod:`unroll.segmentation.metrics`): mIoU over all classes, background
+included (see there: one dataset confusion matrix, classes absent from target and prediction excluded).
 
 ``ForegroundPrecision``: among pixels **predicted** foreground (preds != background, target not ignored), the fraction
 with ``preds == target``. Low when the map leaks into the background (or onto another object).
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-from bench.metrics import SegmentationIoU
+from .metrics import SegmentationIoU
 
 __all__ = ["SegmentationIoU", "ForegroundPrecision", "RegionRecall", "DRRecall", "NDRRecall", "wsss_metrics",
            "TAU_CAM"]

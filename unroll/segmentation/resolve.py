@@ -20,9 +20,9 @@ Resolves:
                 Not renormalised after averaging: a class whose peak sits in a mostly-cold superpixel scores < 1.
 
 :func:`threshold_sweep` scores every threshold of a grid (default 0.01, 0.02, ..., 0.50) in one pass and returns the
-mIoU curve and the best threshold (mIoU exactly as :class:`bench.metrics.SegmentationIoU`: one confusion matrix over
-the whole dataset, background included, ``ignore_index`` pixels dropped, classes absent from target and prediction
-excluded from the mean).
+mIoU curve and the best threshold (mIoU exactly as :class:`unroll.segmentation.metrics.SegmentationIoU`: one
+confusion matrix over the whole dataset, background included, ``ignore_index`` pixels dropped, classes absent from
+target and prediction excluded from the mean).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ a pure function of the step, checkpoints that hold everything the next step depe
     metrics = evaluate(model, test_set, num_classes=11)      # {"miou", "per_class", "f1"}
 
 Datasets are map-style and yield dicts ``{"image": (C, H, W) float, "mask": (H, W) long (255 = no label),
-"labels": (K,) multi-hot (background = column 0)}`` (extra keys are ignored). The model is a ``bench.models``
+"labels": (K,) multi-hot (background = column 0)}`` (extra keys are ignored). The model is a ``zoo.segmentation``
 module: ``model(x, samples=rows) -> SegOutput(logits (B, K) or None, seg (len(rows), K, H, W) or None)``.
 
 Batches. Every batch mixes ``round(pixel_fraction * batch_size)`` rows from ``pixel_set`` (pixel labels) with the rest
@@ -50,8 +50,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-
-from bench.metrics import MultilabelF1, SegmentationIoU
 
 __all__ = [
     "IGNORE",
@@ -415,6 +413,8 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
 
     device / amp_dtype / channels_last / num_workers: where batches go (the model must be there already), autocast
     dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32)."""
+    from .metrics import MultilabelF1, SegmentationIoU  # torchmetrics (an extra): needed here only
+
     was_training = model.training
     model.eval()
     # sync_on_compute=False: one process evaluates the whole set (under torch.distributed, rank 0 alone); without a
@@ -555,7 +555,7 @@ def train(
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt.get("format") != _CKPT_FORMAT:
-            raise ValueError(f"{ckpt_path} is not a bench.train checkpoint")
+            raise ValueError(f"{ckpt_path} is not an unroll.segmentation.train checkpoint")
         if ckpt["config"] != _cfg_dict(cfg):
             diff = {k: (ckpt["config"].get(k), v) for k, v in _cfg_dict(cfg).items() if ckpt["config"].get(k) != v}
             raise ValueError(f"{ckpt_path} was written with another config (saved, now): {diff}; "
