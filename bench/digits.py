@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--background", choices=bench_models.BACKGROUNDS, default="heatmap",
                    help="tied models: the background map is the background class's heatmap, or one learnable "
                         "constant (a threshold the object heatmaps must exceed)")
+    g.add_argument("--calibration-lr", type=_positive_float, default=1.0,
+                   help="lr factor of the tied models' calibration scalars (learned heatmap temperature, "
+                        "constant background level)")
     g.add_argument("--background-weight", type=_weight, default=0.0,
                    help="weight of the background column in the image-level BCE (the paper: 0)")
     g.add_argument("--bn", choices=bench_models.BN_MODES, default="grad",
@@ -322,6 +325,7 @@ def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
                                                 warmup=args.warmup, weight_decay=args.weight_decay,
                                                 seg_weight=args.seg_weight, cls_weight=args.cls_weight,
                                                 background_weight=args.background_weight,
+                                                calibration_lr_scale=args.calibration_lr,
                                                 balance=args.balance if model in TIED or model == "mt-unet"
                                                 else "sum",
                                                 eval_every=args.eval_every,
@@ -351,8 +355,13 @@ def _init_worker(queue, threads: int):
 
 
 def _identity(task: dict) -> dict:
-    """What a run's result depends on: the task without its folders (a copied output folder stays valid)."""
-    return {k: v for k, v in json.loads(json.dumps(task)).items() if k not in ("dir", "classifier_dir")}
+    """What a run's result depends on: the task without its folders and display names (a copied output folder, or a
+    renamed bench.ablation row, stays valid)."""
+    out = {k: v for k, v in json.loads(json.dumps(task)).items() if k not in ("dir", "classifier_dir", "id", "row")}
+    if "train" in out:  # a TrainConfig field at its default is the same run as one from before the field existed
+        defaults = json.loads(json.dumps(asdict(TrainConfig())))
+        out["train"] = {k: v for k, v in out["train"].items() if k not in defaults or defaults[k] != v}
+    return out
 
 
 def _same_task(path: Path, task: dict) -> dict | None:

@@ -107,6 +107,7 @@ class HeatmapScale(nn.Module):
         self.learn = scale == "learn"
         if self.learn:
             self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+            self.log_scale.calibration = True  # its own lr (unroll.segmentation.train.configure_optimizer)
         else:
             self.value = float(scale)
 
@@ -171,6 +172,7 @@ class _Tied(nn.Module):
         self.frozen_bn = frozen_bn
         if background == "constant":
             self.background_level = nn.Parameter(torch.zeros(()))
+            self.background_level.calibration = True
 
     @property
     def classifier(self) -> nn.Module:

@@ -91,6 +91,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     seg_weight: float = 1.0
     cls_weight: float = 1.0
+    calibration_lr_scale: float = 1.0  # lr factor of calibration scalars (see configure_optimizer)
     background_weight: float = 0.0  # weight of the background column in the BCE (the paper: 0)
     # How the two losses share the weights: "sum" (one gradient of seg_weight * CE + cls_weight * BCE), "normalize"
     # (each loss's gradient scaled to unit global norm before the weighted sum), "separate" (one AdamW state per
@@ -225,9 +226,15 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW
     """AdamW over the model's unique parameters (a tied weight is one tensor, stepped once): weight decay on
     weights of dim >= 2, none on biases, norms and scalars."""
     unique = {id(p): p for p in model.parameters() if p.requires_grad}  # parameters() dedups too; be explicit
-    decay = [p for p in unique.values() if p.dim() >= 2]
-    no_decay = [p for p in unique.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Calibration scalars (a heatmap temperature, a background level; marked ``p.calibration = True``) take
+    # cfg.calibration_lr_scale times the lr: Adam moves a parameter by about lr per step whatever its gradient, so
+    # at lr 3e-3 a log-temperature could change by 0.6 in 200 steps -- it would stay where it was initialised.
+    calib = [p for p in unique.values() if getattr(p, "calibration", False)]
+    rest = [p for p in unique.values() if not getattr(p, "calibration", False)]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": calib, "weight_decay": 0.0, "lr_scale": cfg.calibration_lr_scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
@@ -556,8 +563,10 @@ def train(
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt.get("format") != _CKPT_FORMAT:
             raise ValueError(f"{ckpt_path} is not an unroll.segmentation.train checkpoint")
-        if ckpt["config"] != _cfg_dict(cfg):
-            diff = {k: (ckpt["config"].get(k), v) for k, v in _cfg_dict(cfg).items() if ckpt["config"].get(k) != v}
+        # a field added to TrainConfig after the checkpoint was written had its default then
+        saved = {**_cfg_dict(TrainConfig()), **ckpt["config"]}
+        if saved != _cfg_dict(cfg):
+            diff = {k: (saved.get(k), v) for k, v in _cfg_dict(cfg).items() if saved.get(k) != v}
             raise ValueError(f"{ckpt_path} was written with another config (saved, now): {diff}; "
                              "delete it or rerun without --resume")
         model.load_state_dict(ckpt["model"])
@@ -623,7 +632,7 @@ def _loop(loader, forward, model, optimizer, cfg, state, running, stop, device, 
         step = batch["step"]
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         pixel_rows = batch["has_mask"].nonzero().squeeze(1)
         samples = None if len(pixel_rows) == len(batch["has_mask"]) else pixel_rows
         with _autocast(device, amp_dtype):
