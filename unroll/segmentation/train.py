@@ -295,7 +295,11 @@ class PerLossOptimizer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, names: Sequence[str] = ("seg", "cls")):
         self.optimizers = {n: configure_optimizer(model, cfg) for n in names}
-        self.param_groups = [g for o in self.optimizers.values() for g in o.param_groups]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read live: Optimizer.load_state_dict replaces its group dicts, and the loop sets the lr on these
+        return [g for o in self.optimizers.values() for g in o.param_groups]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers.values():
@@ -327,18 +331,20 @@ def backward_and_step(model: nn.Module, optimizer, terms: dict[str, Tensor], cfg
     grads = {}
     for i, k in enumerate(names):
         g = torch.autograd.grad(terms[k], params, retain_graph=i < len(names) - 1, allow_unused=True)
-        grads[k] = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        grads[k] = list(g)  # None: the term does not reach that parameter (e.g. the temperature and the BCE)
     if cfg.balance == "normalize":
-        norms = {k: torch.sqrt(sum((gi.double() ** 2).sum() for gi in g)).clamp_min(1e-12) for k, g in grads.items()}
+        norms = {k: torch.sqrt(sum((gi.double() ** 2).sum() for gi in g if gi is not None)).clamp_min(1e-12)
+                 for k, g in grads.items()}
         for j, p in enumerate(params):
-            p.grad = sum((weights[k] / norms[k]).to(p.dtype) * grads[k][j] for k in names)
+            parts = [(weights[k] / norms[k]).to(p.dtype) * grads[k][j] for k in names if grads[k][j] is not None]
+            p.grad = sum(parts) if parts else None
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         return
     for k in names:  # "separate": each term steps its own AdamW state with its own (weighted) gradient
-        for j, p in enumerate(params):
-            p.grad = weights[k] * grads[k][j]
+        for j, p in enumerate(params):  # a parameter this term does not reach is not stepped by its state
+            p.grad = None if grads[k][j] is None else weights[k] * grads[k][j]
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.optimizers[k].step()
