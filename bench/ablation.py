@@ -80,13 +80,16 @@ ROWS: tuple[Row, ...] = (
     Row("separate", "balance", ("--balance", "separate"), "one AdamW state per loss"),
     Row("bn-const", "batchnorm", ("--bn", "const"), "BatchNorm variance held constant in the gradient"),
     Row("bn-frozen", "batchnorm", ("--bn", "frozen"), "eval-mode BatchNorm in training"),
+    Row("steps600", "budget", ("--steps", "600", "--eval-every", "50"), "600 steps"),
+    Row("bgc30+steps600", "budget", ("--background", "constant", "--calibration-lr", "30", "--steps", "600",
+                                     "--eval-every", "50"), "constant background, 30x calibration lr, 600 steps"),
     Row("steps2000", "budget", ("--steps", "2000", "--eval-every", "100"), "2,000 steps"),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
-QUICK = ("--train-scenes", "120", "--val-scenes", "16", "--test-scenes", "16", "--clf-steps", "20",
-         "--eval-every", "4")
-QUICK_STEPS = 8  # every row's budget in --quick, ten times that for a long-budget row
+QUICK = ("--train-scenes", "60", "--val-scenes", "16", "--test-scenes", "16", "--clf-steps", "10",
+         "--eval-every", "2")
+QUICK_STEPS = 4  # every row's budget in --quick, three times that for a long-budget row
 LOSS_AT = (10, 50, 100, 200, 1000, 2000)  # training loss reported at these steps (mean over the 10 steps up to it)
 REACH = (0.30, 0.40)  # steps to reach these validation mIoUs
 
@@ -107,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=integer(1), default=None, help="worker processes (default: CPU cores)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs and continue interrupted ones")
     p.add_argument("--quick", action="store_true", help="CI smoke test: every row, tiny data and budgets")
+    p.add_argument("--cached-only", action="store_true",
+                   help="train nothing: tabulate the runs already finished in OUT (rows / seeds / N without a "
+                        "finished run show '-' or fewer seeds)")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     return p
 
@@ -131,16 +137,16 @@ def _rows(args) -> list[Row]:
 
 
 def _quick_flags(row: Row) -> tuple[str, ...]:
-    """A row's flags with its budget shrunk for --quick (a long-budget row stays ten times longer)."""
+    """A row's flags with its budget shrunk for --quick (a long-budget row stays three times longer)."""
     flags = list(row.flags)
-    steps = QUICK_STEPS * 10 if "--steps" in flags else QUICK_STEPS
+    steps = QUICK_STEPS * 3 if "--steps" in flags else QUICK_STEPS
     if "--steps" in flags:
         i = flags.index("--steps")
         del flags[i:i + 2]
     if "--eval-every" in flags:
         i = flags.index("--eval-every")
         del flags[i:i + 2]
-    return (*flags, "--steps", str(steps), "--eval-every", str(max(4, steps // 4)))
+    return (*flags, "--steps", str(steps), "--eval-every", str(max(2, steps // 4)))
 
 
 def row_tasks(row: Row, args, out: Path) -> list[dict]:
@@ -240,20 +246,22 @@ def _reach_text(steps: list[int | None]) -> str:
 def markdown(res: dict) -> str:
     counts = res["label_counts"]
     n0 = str(counts[0])
-    head = (["row", "what"] + [f"test mIoU N={n}" for n in counts] + [f"val mIoU N={n0}"]
+    head = (["row", "what"] + [f"test mIoU N={n}" for n in counts] + [f"val mIoU N={n}" for n in counts]
             + [f"F1 after N={n}" for n in counts] + ["F1 before"]
             + [f"loss@{s} (N={n0})" for s in (10, 50, 200, 2000)]
-            + [f"steps to val {int(100 * lv)} (N={counts[-1]})" for lv in REACH] + ["s/run"])
+            + [f"steps to val {int(100 * lv)} (N={n0})" for lv in REACH] + ["seeds per N", "s/run"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in res["rows"]:
         b = e["by_n"]
         cells = [e["row"], e["what"]]
-        cells += [f"{_pct(b[str(n)]['test_miou'])} ± {_pct(b[str(n)]['test_miou_std'])}" for n in counts]
-        cells += [_pct(b[n0]["val_miou"])]
+        cells += [_pct(b[str(n)]["test_miou"]) + (f" ± {_pct(b[str(n)]['test_miou_std'])}"
+                                                  if len(b[str(n)]["seeds"]) > 1 else "") for n in counts]
+        cells += [_pct(b[str(n)]["val_miou"]) for n in counts]
         cells += [_pct(b[str(n)]["f1_after"]) for n in counts] + [_pct(b[n0]["f1_before"])]
         cells += ["-" if b[n0]["loss_at"][str(s)] is None else f"{b[n0]['loss_at'][str(s)]:.3f}"
                   for s in (10, 50, 200, 2000)]
-        cells += [_reach_text(b[str(counts[-1])]["reach"][str(lv)]) for lv in REACH]
+        cells += [_reach_text(b[n0]["reach"][str(lv)]) for lv in REACH]
+        cells += ["/".join(str(len(b[str(n)]["seeds"])) for n in counts)]
         cells += ["-" if b[n0]["seconds"] is None else f"{b[n0]['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     t = res["timing"]
@@ -263,7 +271,8 @@ def markdown(res: dict) -> str:
         f"recipe `{' '.join(res['base_flags'])}` plus its flags; same classifier checkpoints, labelled scenes and "
         "batches per seed. Selection: best validation mIoU (the val column); test numbers are of the selected "
         "weights. loss@s: mean training loss (CE + weighted BCE) over steps s-9..s at the first N. Steps to val x: "
-        "the first evaluation step whose validation mIoU reached x (median over seeds; '>' = not reached by some).",
+        "the first evaluation step whose validation mIoU reached x (median over seeds; '>' = not reached by some). "
+        "'-': not run (the study ran on 2 CPU cores shared with other jobs; see the seeds column).",
         "\n".join(lines),
         f"Wall {t['wall_seconds'] / 60:.1f} min this invocation; CPU of all runs {t['cpu_seconds'] / 60:.1f} min.",
     ]) + "\n"
@@ -345,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     for t in tasks:  # rows share classifiers: train each once
         unique.setdefault(t["dir"], t)
     tasks = list(unique.values())
+    if args.cached_only:
+        tasks = [t for t in tasks if digits._same_task(Path(t["dir"]) / "result.json", t) is not None]
+        args.resume = True
+        if not [t for t in tasks if t["kind"] == "seg"]:
+            console.print(f"[red]error:[/] --cached-only: no finished runs of these rows in {out}", highlight=False)
+            return 1
     counts = sorted({t["labels"] for t in tasks if t["kind"] == "seg"})
     jobs = args.jobs or os.cpu_count() or 1
     console.print(f"[bold]bench.ablation[/]: {len(rows)} rows, {len(tasks)} runs, {jobs} job(s) -> {out}",
