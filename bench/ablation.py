@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         unique.setdefault(t["dir"], t)
     tasks = list(unique.values())
     if args.cached_only:
-        tasks = [t for t in tasks if digits._same_task(Path(t["dir"]) / "result.json", t) is not None]
+        tasks = [t for t in tasks if digits.finished_run(t) is not None]
         args.resume = True
         if not [t for t in tasks if t["kind"] == "seg"]:
             console.print(f"[red]error:[/] --cached-only: no finished runs of these rows in {out}", highlight=False)

@@ -373,6 +373,11 @@ def _same_task(path: Path, task: dict) -> dict | None:
     return None
 
 
+def finished_run(task: dict) -> dict | None:
+    """The recorded result of ``task`` if a run with exactly its settings finished in its folder, else None."""
+    return _same_task(Path(task["dir"]) / "result.json", task)
+
+
 def run_task(task: dict, resume: bool = False, report=None) -> dict:
     """Run one task (in a worker or in this process) and return its result dict (also written to dir/result.json).
 
