@@ -40,11 +40,12 @@ from zoo import segmentation as bench_models
 from bench.cli import Help, integer, number
 from zoo.segmentation import TIED  # models whose maps are heatmaps of the classifier
 from unroll.segmentation.classifier import train_classifier
-from unroll.segmentation.train import TrainConfig, evaluate, predict, stable_seed, train
+from unroll.segmentation.train import BALANCES, TrainConfig, evaluate, predict, stable_seed, train
 
 __all__ = ["main", "build_parser", "plan", "DEFAULT_MODELS"]
 
 DEFAULT_MODELS = ("unrolled", "unet", "mt-unet", "ws-ae", "fcn")
+INPUTS = ("raw", "centered", "offset")
 N_FIGURE_SCENES = 6
 N_EVOLUTION_SCENES = 4
 
@@ -127,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scene", choices=("scenes", "single"), default="scenes",
                    help="1-3 digits per canvas, or one digit per image")
     g.add_argument("--size", type=_positive_int, default=32, help="image side in pixels")
-    g.add_argument("--input", choices=("raw", "centered"), default="raw",
-                   help="model input: intensities in [0, 1] (black background = 0), or (x - 0.5) / 0.5")
+    g.add_argument("--input", choices=INPUTS, default="raw",
+                   help="model input: intensities x in [0, 1] (black background = 0), 'centered' (x - 0.5) / 0.5, "
+                        "or 'offset' (255 x + 1) / 256 in [1/256, 1], never 0 (the reference code's)")
     g.add_argument("--train-scenes", type=_positive_int, default=None,
                    help="training scenes (default: one per training digit; --quick: 400)")
     g.add_argument("--val-scenes", type=_positive_int, default=None,
@@ -169,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "plain heatmaps) or 'learn' (one learnable temperature, initialised at --init-scale)")
     g.add_argument("--init-scale", type=_positive_float, default=10.0, help="initial learnable heatmap scale")
     g.add_argument("--epsilon", type=_positive_float, default=1e-2, help="LRP-epsilon's epsilon (unrolled-eps)")
+    g.add_argument("--background", choices=bench_models.BACKGROUNDS, default="heatmap",
+                   help="tied models: the background map is the background class's heatmap, or one learnable "
+                        "constant (a threshold the object heatmaps must exceed)")
+    g.add_argument("--calibration-lr", type=_positive_float, default=1.0,
+                   help="lr factor of the tied models' calibration scalars (learned heatmap temperature, "
+                        "constant background level)")
+    g.add_argument("--background-weight", type=_weight, default=0.0,
+                   help="weight of the background column in the image-level BCE (the paper: 0)")
+    g.add_argument("--bn", choices=bench_models.BN_MODES, default="grad",
+                   help="tied models' BatchNorm in training: 'grad' (batch variance kept in the gradient graph), "
+                        "'const' (held constant), 'frozen' (eval-mode BatchNorm, running statistics)")
+    g.add_argument("--balance", choices=BALANCES, default="sum",
+                   help="how CE and BCE share the weights: one summed gradient, each gradient normalised to unit "
+                        "norm, or a separate AdamW state per loss")
+    g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="segmentation lr schedule: cosine to lr/10, or constant")
+    g.add_argument("--warmup", type=integer(0), default=0, help="segmentation lr warmup steps")
     g.add_argument("--eval-every", type=_positive_int, default=None, help="validation interval in steps (default 50)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/digits", help="output folder")
@@ -206,7 +225,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 class ModelInput(Dataset):
-    """Digit-scene items as the models take them: the image in [0, 1] ("raw") or (x - 0.5) / 0.5 ("centered")."""
+    """Digit-scene items as the models take them: the image in [0, 1] ("raw"), (x - 0.5) / 0.5 ("centered"), or
+    (255 x + 1) / 256 ("offset": a black pixel is 1/256, so no heatmap x * gradient is forced to 0 there)."""
 
     def __init__(self, scenes: Dataset, mode: str = "raw"):
         self.scenes, self.mode = scenes, mode
@@ -218,6 +238,8 @@ class ModelInput(Dataset):
         item = dict(self.scenes[i])
         if self.mode == "centered":
             item["image"] = (item["image"] - 0.5) / 0.5
+        elif self.mode == "offset":
+            item["image"] = (item["image"] * 255 + 1) / 256
         return item
 
 
@@ -280,10 +302,17 @@ def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
                     "dir": str(out / "runs" / f"seed{seed}" / f"N{count}" / model), "threads": args.threads,
                     "figures": not args.no_figures and seed == 0, "keep": args.keep_checkpoints,
                     "heatmap_scale": args.heatmap_scale, "init_scale": args.init_scale, "epsilon": args.epsilon,
+                    **({"background": args.background, "bn": args.bn} if model in TIED else {}),
                     "train": asdict(TrainConfig(steps=args.steps, batch_size=args.batch_size,
-                                                pixel_fraction=args.pixel_fraction, lr=lr, min_lr=lr / 10,
-                                                weight_decay=args.weight_decay, seg_weight=args.seg_weight,
-                                                cls_weight=args.cls_weight, eval_every=args.eval_every,
+                                                pixel_fraction=args.pixel_fraction, lr=lr,
+                                                min_lr=lr if args.schedule == "constant" else lr / 10,
+                                                warmup=args.warmup, weight_decay=args.weight_decay,
+                                                seg_weight=args.seg_weight, cls_weight=args.cls_weight,
+                                                background_weight=args.background_weight,
+                                                calibration_lr_scale=args.calibration_lr,
+                                                balance=args.balance if model in TIED or model == "mt-unet"
+                                                else "sum",
+                                                eval_every=args.eval_every,
                                                 select="miou", seed=stable_seed(seed, count, "batches"))),
                 })
     return tasks
@@ -310,8 +339,13 @@ def _init_worker(queue, threads: int):
 
 
 def _identity(task: dict) -> dict:
-    """What a run's result depends on: the task without its folders (a copied output folder stays valid)."""
-    return {k: v for k, v in json.loads(json.dumps(task)).items() if k not in ("dir", "classifier_dir")}
+    """What a run's result depends on: the task without its folders and display names (a copied output folder, or a
+    renamed bench.ablation row, stays valid)."""
+    out = {k: v for k, v in json.loads(json.dumps(task)).items() if k not in ("dir", "classifier_dir", "id", "row")}
+    if "train" in out:  # a TrainConfig field at its default is the same run as one from before the field existed
+        defaults = json.loads(json.dumps(asdict(TrainConfig())))
+        out["train"] = {k: v for k, v in out["train"].items() if k not in defaults or defaults[k] != v}
+    return out
 
 
 def _same_task(path: Path, task: dict) -> dict | None:
@@ -321,6 +355,11 @@ def _same_task(path: Path, task: dict) -> dict | None:
             result["task"] = task
             return result
     return None
+
+
+def finished_run(task: dict) -> dict | None:
+    """The recorded result of ``task`` if a run with exactly its settings finished in its folder, else None."""
+    return _same_task(Path(task["dir"]) / "result.json", task)
 
 
 def run_task(task: dict, resume: bool = False, report=None) -> dict:
@@ -353,7 +392,10 @@ def run_task(task: dict, resume: bool = False, report=None) -> dict:
     cfg = TrainConfig(**task["train"])
     steps = cfg.steps
 
+    step_loss: list[float] = []  # every step's training loss (a loss curve at step resolution)
+
     def on_step(step, parts):
+        step_loss.append(round(parts["loss"], 5))
         report(task["id"], step, steps, parts)
 
     result: dict[str, Any] = {"task": task}
@@ -376,8 +418,9 @@ def run_task(task: dict, resume: bool = False, report=None) -> dict:
         clf = _make_classifier({**task, "weights": None})
         clf.load_state_dict(torch.load(Path(task["classifier_dir"]) / "classifier.pt", weights_only=True))
         torch.manual_seed(stable_seed(task["seed"], task["labels"], task["model"]))
+        tied = {k: task[k] for k in ("background", "bn") if k in task}
         model = bench_models.build(task["model"], clf, NUM_CLASSES, epsilon=task["epsilon"],
-                                   heatmap_scale=task["heatmap_scale"], init_scale=task["init_scale"])
+                                   heatmap_scale=task["heatmap_scale"], init_scale=task["init_scale"], **tied)
         pixel_set = Subset(data["train_input"], labelled_indices(len(data["train"]), task["labels"], task["seed"]))
         on_eval = None
         if task["figures"] and task["model"] in TIED:
@@ -400,6 +443,7 @@ def run_task(task: dict, resume: bool = False, report=None) -> dict:
             torch.save(fig, run_dir / "figdata.pt")
     result.update({
         "best_step": r.best_step, "best_val": r.best_score, "history": r.history,
+        "step_loss": step_loss if not resume or len(step_loss) == r.steps_done else None,
         "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
     })
     done.write_text(json.dumps(result, indent=1))
@@ -467,7 +511,9 @@ def execute(tasks: list[dict], jobs: int, resume: bool, console) -> list[dict]:
                                    f"(best step {result['best_step']}, {result['seconds']:.0f} s)", highlight=False)
 
         classifiers = [t for t in tasks if t["kind"] == "classifier"]
-        dependents = {t["id"]: [s for s in tasks if s["kind"] == "seg" and s["seed"] == t["seed"]] for t in classifiers}
+        # a segmentation run waits for the classifier it starts from
+        dependents = {t["id"]: [s for s in tasks if s["kind"] == "seg" and s["classifier_dir"] == t["dir"]]
+                      for t in classifiers}
         if jobs == 1:
             for clf in classifiers:
                 for task in [clf, *dependents[clf["id"]]]:

@@ -64,6 +64,7 @@ class HeatmapScale(nn.Module):
         self.learn = scale == "learn"
         if self.learn:
             self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+            self.log_scale.calibration = True  # its own lr (unroll.segmentation.train.configure_optimizer)
         else:
             self.value = float(scale)
 
@@ -85,21 +86,51 @@ def tied_rules(rule: str = "lrp0", epsilon: float = 1e-6, bn_grad: bool = True) 
     return sets[rule] | unroll.rulesets.TRAIN_BN if bn_grad else sets[rule]
 
 
+BACKGROUNDS = ("heatmap", "constant")
+BN_MODES = ("grad", "const", "frozen")
+
+
 class _Tied(nn.Module):
-    """Shared by the unrolled models and WS-AE: one encoder pass, heatmaps of the `samples` rows."""
+    """Shared by the unrolled models and WS-AE: one encoder pass, heatmaps of the `samples` rows.
+
+    ``background``: the background class's map is its heatmap ("heatmap", the paper), or one learnable constant
+    ("constant", initialised at 0): a pixel is then an object of class k where k's scaled heatmap exceeds that
+    threshold. ``frozen_bn``: BatchNorm layers stay in eval mode in training (running statistics, not updated)."""
 
     has_logits, has_seg = True, True
     net: unroll.Unrolled
+
+    def _setup(self, heatmap_scale, init_scale, background: str, frozen_bn: bool) -> None:
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
+        self.scale = HeatmapScale(heatmap_scale, init_scale)
+        self.background = background
+        self.frozen_bn = frozen_bn
+        if background == "constant":
+            self.background_level = nn.Parameter(torch.zeros(()))
+            self.background_level.calibration = True
 
     @property
     def classifier(self) -> nn.Module:
         return self.net.model
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def forward(self, x: Tensor, samples: Tensor | None = None) -> SegOutput:
         logits, saved = self.net.encode(x)
         if _empty(samples):
             return SegOutput(logits, x.new_zeros(0, logits.shape[1], *x.shape[2:]))
-        return SegOutput(logits, self.scale(self.net.decode(logits, saved, samples=samples)))
+        maps = self.scale(self.net.decode(logits, saved, samples=samples))
+        if self.background == "constant":
+            level = self.background_level.to(maps.dtype).expand(maps.shape[0], 1, *maps.shape[2:])
+            maps = torch.cat([level, maps[:, 1:]], dim=1)
+        return SegOutput(logits, maps)
 
 
 class UnrolledModel(_Tied):
@@ -107,23 +138,25 @@ class UnrolledModel(_Tied):
 
     def __init__(self, classifier: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6,
                  heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
-                 classes_per_chunk: int | str | None = "auto", checkpoint: bool = False):
+                 classes_per_chunk: int | str | None = "auto", checkpoint: bool = False,
+                 background: str = "heatmap", frozen_bn: bool = False):
         super().__init__()
         self.net = unroll.compile(classifier, rules=tied_rules(rule, epsilon, bn_grad),
                                   classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
-        self.scale = HeatmapScale(heatmap_scale, init_scale)
+        self._setup(heatmap_scale, init_scale, background, frozen_bn)
 
 
 class WSAEModel(_Tied):
     """``zoo.WSAE``: the unrolled decoder with ReLUs on its own signal instead of the encoder's gates."""
 
     def __init__(self, classifier: nn.Module, heatmap_scale: float | str = 1.0, init_scale: float = 1.0,
-                 bn_grad: bool = True, classes_per_chunk: int | str | None = "auto", checkpoint: bool = False):
+                 bn_grad: bool = True, classes_per_chunk: int | str | None = "auto", checkpoint: bool = False,
+                 background: str = "heatmap", frozen_bn: bool = False):
         super().__init__()
         # zoo.WSAE's decoder (gates -> ReLU on the signal), compiled here so the BatchNorm rule can be chosen too.
         self.net = unroll.compile(classifier, rules=tied_rules("ws-ae", bn_grad=bn_grad),
                                   classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
-        self.scale = HeatmapScale(heatmap_scale, init_scale)
+        self._setup(heatmap_scale, init_scale, background, frozen_bn)
 
 
 class UNetModel(nn.Module):
@@ -152,12 +185,14 @@ class UNetModel(nn.Module):
 def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float = 1e-6,
           heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
           perturbation: str = "none", seed: int = 0, classes_per_chunk: int | str | None = "auto",
-          checkpoint: bool = False) -> nn.Module:
+          checkpoint: bool = False, background: str = "heatmap", bn: str | None = None) -> nn.Module:
     """The model called `name` (see MODEL_NAMES) on `classifier` (used as is: pass a copy to keep the original).
 
     The classifier's logits must have `num_classes` outputs (background included) for the tied models, whose maps
     are one per logit. Free decoders (unet, mt-unet, fcn) are initialised from torch's global RNG.
     `classes_per_chunk` and `checkpoint` bound the tied decoder's memory (see ``unroll.compile``; same results).
+    Tied models only: `background` ("heatmap" or "constant", see _Tied) and `bn`, the BatchNorm handling in training
+    ("grad": bn_grad=True, "const": bn_grad=False, "frozen": eval-mode BatchNorm; None: as `bn_grad` says).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")
@@ -168,7 +203,14 @@ def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float 
         return ClassifierModel(classifier, perturbation, seed)
     if perturbation != "none":
         raise ValueError(f"perturbation={perturbation!r} is for the classifier stage (model-pert), not {name!r}")
-    memory = {"classes_per_chunk": classes_per_chunk, "checkpoint": checkpoint}
+    if bn is not None and bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+    if name not in TIED and (background != "heatmap" or bn not in (None, "grad")):
+        raise ValueError(f"background / bn choose how a tied model's heatmaps train; {name!r} has none")
+    if bn is not None:
+        bn_grad = bn == "grad"
+    memory = {"classes_per_chunk": classes_per_chunk, "checkpoint": checkpoint, "background": background,
+              "frozen_bn": bn == "frozen"}
     if name in TIED:
         k = _num_logits(classifier)
         if k is not None and k != num_classes:

@@ -64,6 +64,9 @@ __all__ = [
     "configure_optimizer",
     "get_lr",
     "compute_loss",
+    "loss_terms",
+    "backward_and_step",
+    "PerLossOptimizer",
     "evaluate",
     "predict",
     "train",
@@ -73,6 +76,7 @@ __all__ = [
 ]
 
 IGNORE = 255
+BALANCES = ("sum", "normalize", "separate")
 CKPT_NAME = "ckpt.pt"
 _CKPT_FORMAT = "unroll-bench-train/1"
 
@@ -98,6 +102,12 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     seg_weight: float = 1.0
     cls_weight: float = 1.0
+    calibration_lr_scale: float = 1.0  # lr factor of calibration scalars (see configure_optimizer)
+    background_weight: float = 0.0  # weight of the background column in the BCE (the paper: 0)
+    # How the two losses share the weights: "sum" (one gradient of seg_weight * CE + cls_weight * BCE), "normalize"
+    # (each loss's gradient scaled to unit global norm before the weighted sum), "separate" (one AdamW state per
+    # loss, each stepped with its own gradient). See bench/ablation.py for what each does on digit scenes.
+    balance: str = "sum"
     eval_every: int = 50
     eval_batch_size: int = 64
     select: str = "miou"  # "miou" or "f1" on val_set
@@ -109,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"steps, batch_size and eval_every must be >= 1: {self}")
         if not 0.0 <= self.pixel_fraction <= 1.0:
             raise ValueError(f"pixel_fraction must lie in [0, 1], got {self.pixel_fraction}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
         if self.select not in ("miou", "f1"):
             raise ValueError(f"select must be 'miou' or 'f1', got {self.select!r}")
         self.betas = tuple(self.betas)
@@ -230,9 +242,15 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW
     """AdamW over the model's unique parameters (a tied weight is one tensor, stepped once): weight decay on
     weights of dim >= 2, none on biases, norms and scalars."""
     unique = {id(p): p for p in model.parameters() if p.requires_grad}  # parameters() dedups too; be explicit
-    decay = [p for p in unique.values() if p.dim() >= 2]
-    no_decay = [p for p in unique.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Calibration scalars (a heatmap temperature, a background level; marked ``p.calibration = True``) take
+    # cfg.calibration_lr_scale times the lr: Adam moves a parameter by about lr per step whatever its gradient, so
+    # at lr 3e-3 a log-temperature could change by 0.6 in 200 steps -- it would stay where it was initialised.
+    calib = [p for p in unique.values() if getattr(p, "calibration", False)]
+    rest = [p for p in unique.values() if not getattr(p, "calibration", False)]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": calib, "weight_decay": 0.0, "lr_scale": cfg.calibration_lr_scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
@@ -245,12 +263,12 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def compute_loss(out, batch: dict[str, Tensor], cfg: TrainConfig, background: int = 0) -> tuple[Tensor, dict]:
-    """The paper's loss on one batch; returns (total, {"seg": float|None, "cls": float|None, "loss": float}).
+def loss_terms(out, batch: dict[str, Tensor], cfg: TrainConfig, background: int = 0) -> dict[str, Tensor]:
+    """The paper's two loss terms on one batch, unweighted: {"seg": CE, "cls": BCE}, each only where the model gives
+    what it needs (maps of pixel rows, logits) and its weight is not 0.
 
     ``out.seg`` holds the maps of the pixel rows only (in the order of ``batch["has_mask"]``'s True rows)."""
-    total = None
-    parts: dict[str, float | None] = {"seg": None, "cls": None}
+    terms: dict[str, Tensor] = {}
     seg = getattr(out, "seg", None)
     if seg is not None and seg.shape[0] > 0 and cfg.seg_weight != 0:
         target = batch["mask"][batch["has_mask"]]
@@ -260,21 +278,92 @@ def compute_loss(out, batch: dict[str, Tensor], cfg: TrainConfig, background: in
         ce = F.cross_entropy(seg, target, ignore_index=IGNORE)
         if torch.isnan(ce):  # every pixel ignored: no pixel signal in this batch
             ce = seg.sum() * 0.0
-        parts["seg"] = float(ce.detach())
-        total = cfg.seg_weight * ce
+        terms["seg"] = ce
     logits = getattr(out, "logits", None)
     if logits is not None and cfg.cls_weight != 0:
         labels = batch["labels"].to(logits.dtype)
         weight = torch.ones(labels.shape[1], dtype=logits.dtype, device=logits.device)
-        weight[background] = 0.0
+        weight[background] = cfg.background_weight
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        bce = (bce * weight).sum() / (labels.shape[0] * weight.sum())
-        parts["cls"] = float(bce.detach())
-        total = cfg.cls_weight * bce if total is None else total + cfg.cls_weight * bce
-    if total is None:
+        # averaged over rows and the weighted columns (the object classes, with the paper's background weight 0)
+        terms["cls"] = (bce * weight).sum() / (labels.shape[0] * weight.sum())
+    if not terms:
         raise ValueError("nothing to train: the model gave neither maps for pixel rows nor logits (or weights are 0)")
+    return terms
+
+
+def compute_loss(out, batch: dict[str, Tensor], cfg: TrainConfig, background: int = 0) -> tuple[Tensor, dict]:
+    """The paper's loss on one batch, ``seg_weight * CE + cls_weight * BCE``; returns
+    (total, {"seg": float|None, "cls": float|None, "loss": float}) (see `loss_terms`)."""
+    terms = loss_terms(out, batch, cfg, background)
+    weights = {"seg": cfg.seg_weight, "cls": cfg.cls_weight}
+    total = sum(weights[k] * v for k, v in terms.items())
+    parts: dict[str, float | None] = {"seg": None, "cls": None}
+    parts.update({k: float(v.detach()) for k, v in terms.items()})
     parts["loss"] = float(total.detach())
     return total, parts
+
+
+class PerLossOptimizer:
+    """One AdamW state per loss term over the same (shared) parameters: ``balance="separate"``. Each term's gradient
+    is stepped by its own optimizer, so neither term's second-moment estimate normalises the other's step. Looks
+    enough like one optimizer for the loop and its checkpoints (param_groups, zero_grad, state_dict)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, names: Sequence[str] = ("seg", "cls")):
+        self.optimizers = {n: configure_optimizer(model, cfg) for n in names}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read live: Optimizer.load_state_dict replaces its group dicts, and the loop sets the lr on these
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {n: o.state_dict() for n, o in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, o in self.optimizers.items():
+            o.load_state_dict(state[n])
+
+
+def backward_and_step(model: nn.Module, optimizer, terms: dict[str, Tensor], cfg: TrainConfig) -> None:
+    """One parameter update from the loss terms, as ``cfg.balance`` says (zero_grad included)."""
+    weights = {"seg": cfg.seg_weight, "cls": cfg.cls_weight}
+    optimizer.zero_grad(set_to_none=True)
+    params = [p for p in {id(p): p for p in model.parameters() if p.requires_grad}.values()]
+    if cfg.balance == "sum" or len(terms) == 1:
+        sum(weights[k] * v for k, v in terms.items()).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if isinstance(optimizer, PerLossOptimizer):  # one term only: its own state steps
+            optimizer.optimizers[next(iter(terms))].step()
+        else:
+            optimizer.step()
+        return
+    names = list(terms)
+    grads = {}
+    for i, k in enumerate(names):
+        g = torch.autograd.grad(terms[k], params, retain_graph=i < len(names) - 1, allow_unused=True)
+        grads[k] = list(g)  # None: the term does not reach that parameter (e.g. the temperature and the BCE)
+    if cfg.balance == "normalize":
+        norms = {k: torch.sqrt(sum((gi.double() ** 2).sum() for gi in g if gi is not None)).clamp_min(1e-12)
+                 for k, g in grads.items()}
+        for j, p in enumerate(params):
+            parts = [(weights[k] / norms[k]).to(p.dtype) * grads[k][j] for k in names if grads[k][j] is not None]
+            p.grad = sum(parts) if parts else None
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        return
+    for k in names:  # "separate": each term steps its own AdamW state with its own (weighted) gradient
+        for j, p in enumerate(params):  # a parameter this term does not reach is not stepped by its state
+            p.grad = None if grads[k][j] is None else weights[k] * grads[k][j]
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.optimizers[k].step()
 
 
 # --------------------------------------------------------------------------------------------------------- devices
@@ -527,17 +616,21 @@ def train(
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if world > 1 and cfg.batch_size < world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the world size {world}")
+    if world > 1 and cfg.balance != "sum":  # per-loss gradients use autograd.grad, which bypasses DDP's all-reduce
+        raise ValueError(f"balance={cfg.balance!r} is single-process only; use balance='sum' with distributed=True")
     is_main = rank == 0
     ckpt_path = Path(out_dir) / CKPT_NAME if out_dir is not None else None
-    optimizer = configure_optimizer(model, cfg)
+    optimizer = PerLossOptimizer(model, cfg) if cfg.balance == "separate" else configure_optimizer(model, cfg)
     state: dict[str, Any] = {"step": 0, "best_score": -math.inf, "best_step": 0, "best_model": None,
                              "history": [], "snapshots": [], "running": {}}
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt.get("format") != _CKPT_FORMAT:
             raise ValueError(f"{ckpt_path} is not an unroll.segmentation.train checkpoint")
-        if ckpt["config"] != _cfg_dict(cfg):
-            diff = {k: (ckpt["config"].get(k), v) for k, v in _cfg_dict(cfg).items() if ckpt["config"].get(k) != v}
+        # a field added to TrainConfig after the checkpoint was written had its default then
+        saved = {**_cfg_dict(TrainConfig()), **ckpt["config"]}
+        if saved != _cfg_dict(cfg):
+            diff = {k: (saved.get(k), v) for k, v in _cfg_dict(cfg).items() if saved.get(k) != v}
             raise ValueError(f"{ckpt_path} was written with another config (saved, now): {diff}; "
                              "delete it or rerun without --resume")
         model.load_state_dict(ckpt["model"])
@@ -604,17 +697,16 @@ def _loop(loader, forward, model, optimizer, cfg, state, running, stop, device, 
         step = batch["step"]
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         pixel_rows = batch["has_mask"].nonzero().squeeze(1)
         samples = None if len(pixel_rows) == len(batch["has_mask"]) else pixel_rows
         with _autocast(device, amp_dtype):
             out = forward(batch["image"], samples=samples)
-            loss, parts = compute_loss(out, batch, cfg, background)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+            terms = loss_terms(out, batch, cfg, background)
+        parts = {"seg": None, "cls": None, **{k: float(v.detach()) for k, v in terms.items()}}
+        parts["loss"] = float(sum({"seg": cfg.seg_weight, "cls": cfg.cls_weight}[k] * v for k, v in parts.items()
+                                  if v is not None))
+        backward_and_step(model, optimizer, terms, cfg)
         state["step"] = step = step + 1
         for k, v in parts.items():
             if v is not None:

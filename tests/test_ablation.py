@@ -1,0 +1,62 @@
+"""python -m bench.ablation --quick: every row of the study trains and lands in results.json / results.md /
+curves.png (the numbers of a quick run mean nothing, so none are asserted), and bad rows are refused up front."""
+
+import json
+
+import pytest
+
+import bench.ablation as ablation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    assert ablation.main(["--quick", "--jobs", "1", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_row_and_file(quick_run):
+    out, res = quick_run
+    assert res["format"] == "unroll-bench-ablation/1" and res["quick"]
+    assert [e["row"] for e in res["rows"]] == list(ablation.ROW_NAMES)
+    counts = res["label_counts"]
+    for e in res["rows"]:
+        for n in counts:
+            b = e["by_n"][str(n)]
+            assert b["seeds"] == [0], e["row"]
+            assert 0 <= b["test_miou"] <= 1 and 0 <= b["val_miou"] <= 1
+            assert b["loss_at"]["10"] is not None or e["row"] != "steps2000"
+    md = (out / "results.md").read_text()
+    for name in ablation.ROW_NAMES:
+        assert f"| {name} |" in md
+    assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_rows_share_classifier_and_batches(quick_run):
+    _, res = quick_run
+    seg = [r for r in res["runs"] if r["task"]["kind"] == "seg"]
+    raw = [r["task"] for r in seg if r["task"]["data"]["input"] == "raw"]
+    assert len({t["classifier_dir"] for t in raw}) == 1  # one classifier per (source, input, seed)
+    assert len({t["train"]["seed"] for t in raw}) == 1  # and the same batches
+    clfs = [r for r in res["runs"] if r["task"]["kind"] == "classifier"]
+    assert len(clfs) == len({r["task"]["data"]["input"] for r in seg})
+
+
+def test_resume_reuses_runs(quick_run, capsys):
+    out, res = quick_run
+    assert ablation.main(["--quick", "--jobs", "1", "--out", str(out), "--resume", "--rows", "base,offset"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [e["row"] for e in again["rows"]] == ["base", "offset"]
+    before = {e["row"]: e for e in res["rows"]}
+    for e in again["rows"]:
+        assert e["by_n"] == before[e["row"]]["by_n"]
+
+
+def test_bad_rows_refused(capsys):
+    with pytest.raises(SystemExit):
+        ablation.main(["--rows", "base,nope"])
+    assert "unknown row 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation.main(["--extra", "x=--no-such-flag"])
