@@ -194,3 +194,34 @@ def test_last_op_rewritten(last):
 
 def test_ellipsis_index():
     regression(lambda m, y: y[..., 1:3])
+
+
+class PermuteBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.bn(x.permute(0, 2, 1, 3)).flatten(1))
+
+
+def test_batch_norm_after_permute_matches_finite_differences():
+    """Found by the fuzzer (seed 20261202): here torch's own autograd is wrong (BatchNorm2d backward on this permuted,
+    non-contiguous (1, 2, 2, 1) input, CPU float64, torch 2.14: two of four input-gradient entries differ from
+    central differences), unroll is right. The fuzz reference therefore feeds BN a contiguous copy."""
+    torch.manual_seed(0)
+    model = PermuteBN().double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.copy_(torch.tensor([0.1, -0.2]))
+        model.bn.running_var.copy_(torch.tensor([0.5, 1.7]))
+    x = torch.randn(1, 2, 2, 1, dtype=torch.double)
+    ours = unroll.compile(model).gradients(x)[:, 0]
+    fd = torch.zeros_like(x)
+    with torch.no_grad():
+        for i in range(x.numel()):
+            e = torch.zeros(x.numel(), dtype=torch.double)
+            e[i] = 1e-6
+            e = e.view_as(x)
+            fd.view(-1)[i] = ((model(x + e) - model(x - e)) / 2e-6).sum()
+    assert error(ours, fd) < 1e-8
