@@ -16,6 +16,10 @@
    out K segmentation-train images outside the N labelled ones and keeps the step with the best held-out mIoU;
    without it (the default) the last step is reported. metrics.json says which.
 
+``--protocol reference`` runs the reference code's protocol instead (bench.protocol: its loss weighting, input
+scaling, augmentation, 156,800 steps, centre-crop evaluation with void as background, selection on val -- labelled
+optimistic in metrics.json and the log -- and the unrolled model on its training gradient, unroll.reference).
+
 Writes OUT/metrics.json, OUT/history.jsonl, OUT/labelled.txt, OUT/ckpt.pt (every evaluation and on Ctrl-C;
 ``--resume`` continues exactly), OUT/predictions.png and OUT/evolution.png (tied models).
 
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cli import class_chunks, integer, number
+from bench.protocol import PROTOCOLS
 from zoo.segmentation import SEG_MODELS, TIED
 
 __all__ = ["main", "build_parser", "MODELS"]
@@ -73,10 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
+    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="ours",
+                   help="ours (honest: held-out selection, full images) or reference (the reference code's protocol, "
+                        "selection on val: optimistic; see bench/protocol.py)")
     g.add_argument("--root", default="data", help="folder holding VOCdevkit/VOC2012 (torchvision's root)")
     g.add_argument("--download", action="store_true", help="download VOC 2012 trainval (~2 GB) into --root if absent")
     g.add_argument("--labels", type=integer(1), default=20, help="pixel-labelled images out of the 1464 of train")
-    g.add_argument("--image-size", type=integer(16), default=256, help="training crop side (pixels)")
+    g.add_argument("--image-size", type=integer(16), default=256,
+                   help="training crop side (pixels); under --protocol reference also the evaluation crop")
     g.add_argument("--select-on", type=integer(0), default=0,
                    help="hold out this many segmentation-train images (outside the labelled ones) and keep the "
                         "step with the best held-out mIoU; 0 = report the last step. Val is never used.")
@@ -99,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-checkpoint", action="store_true",
                    help="tied models: recompute the decoder in backward instead of storing it (same numbers)")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=integer(1), default=None, help="segmentation steps (default 10000)")
+    g.add_argument("--steps", type=integer(1), default=None,
+                   help="segmentation steps (default 10000; 156800 under --protocol reference)")
     g.add_argument("--epochs", type=number(0.0, True), default=None,
                    help="instead of --steps: passes over the image-level pool")
     g.add_argument("--pretrain-steps", type=integer(0), default=None, help="classification-only steps (default 5000)")
@@ -112,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrain-perturb", choices=("none", "gaussian", "binary"), default="none",
                    help="model-pert: train the classifier stage on perturbed inputs (gaussian sigma 0.15 of the "
                         "image's range, or binary pixel keep-probability 0.9)")
-    g.add_argument("--weight-decay", type=number(0.0, False), default=1e-4)
+    g.add_argument("--weight-decay", type=number(0.0, False), default=None,
+                   help="AdamW weight decay (default 1e-4; 0.01 under --protocol reference)")
     g.add_argument("--seg-weight", type=number(0.0, False), default=1.0, help="weight of the pixel-wise CE")
     g.add_argument("--cls-weight", type=number(0.0, False), default=1.0, help="weight of the sigmoid CE")
-    g.add_argument("--eval-every", type=integer(1), default=1000, help="checkpoint (and held-out evaluation) interval")
+    g.add_argument("--eval-every", type=integer(1), default=None,
+                   help="checkpoint (and held-out evaluation) interval (default 1000; 300 under --protocol reference)")
     g.add_argument("--eval-batch-size", type=integer(1), default=4, help="full-image evaluation batch")
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -132,7 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check(args: argparse.Namespace) -> None:
-    """What argparse cannot check alone (ValueError -> usage error)."""
+    """What argparse cannot check alone (ValueError -> usage error). Fills the protocol's defaults."""
+    protocol = PROTOCOLS[args.protocol]
+    if args.eval_every is None:
+        args.eval_every = protocol.eval_every
+    if args.weight_decay is None:
+        args.weight_decay = protocol.weight_decay
+    if protocol.select_on_val and args.select_on:
+        raise ValueError(f"--select-on: --protocol {protocol.name} selects on val itself (that is what makes it "
+                         "optimistic); drop --select-on or use --protocol ours")
     if args.steps is not None and args.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     if args.pretrain_steps is not None and args.pretrain_epochs is not None:
@@ -223,13 +243,16 @@ def load_data(args, rank: int, world: int) -> dict[str, Any]:
         rng = np.random.default_rng(_stable_seed(args.seed, "select-on"))
         held_out = sorted(rng.choice(rest, args.select_on, replace=False).tolist())
     size = args.image_size
+    recipe = {"recipe": PROTOCOLS[args.protocol].recipe}
     return {
         "voc_dir": voc_dir, "train_ids": train_ids, "val_ids": val_ids, "pool": pool, "labelled": labelled,
         "held_out": held_out,
-        "pixel": voc.VOCPixelSet(args.root, ids=labelled, image_set="train", train=True, image_size=size),
-        "image": voc.VOCImageLevelSet(args.root, pool, labels, train=True, image_size=size),
-        "held": voc.VOCPixelSet(args.root, ids=held_out, image_set="train", train=False) if held_out else None,
-        "val": voc.VOCPixelSet(args.root, image_set="val", train=False),
+        "pixel": voc.VOCPixelSet(args.root, ids=labelled, image_set="train", train=True, image_size=size, **recipe),
+        "image": voc.VOCImageLevelSet(args.root, pool, labels, train=True, image_size=size, **recipe),
+        "held": (voc.VOCPixelSet(args.root, ids=held_out, image_set="train", train=False, image_size=size, **recipe)
+                 if held_out else None),
+        # (our evaluation uses full images whatever image_size is; the reference's crops image_size squares)
+        "val": voc.VOCPixelSet(args.root, image_set="val", train=False, image_size=size, **recipe),
     }
 
 
@@ -266,6 +289,8 @@ def get_classifier(args, data, device, rank, world, run_kw, console) -> tuple[to
             "seed": args.seed, "held_out": data["held_out"], "root": str(Path(args.root).resolve())}
     if args.pretrain_perturb != "none":  # (absent otherwise, so classifiers cached before the flag stay valid)
         spec["perturb"] = args.pretrain_perturb
+    if args.protocol != "ours":  # another input scaling and augmentation: another classifier
+        spec["protocol"] = args.protocol
     folder = Path(args.classifier_dir) if args.classifier_dir else Path(args.out) / "classifier"
     cached = folder / "classifier.pt"
     spec_file = folder / "spec.json"
@@ -356,8 +381,11 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------------------- figures
 
 
-def _denorm(images: torch.Tensor) -> torch.Tensor:
+def _denorm(images: torch.Tensor, recipe: str = "ours") -> torch.Tensor:
     from bench.data.voc import IMAGENET_MEAN, IMAGENET_STD
+
+    if recipe == "reference":  # (x + 1) / 256 back to 0..1
+        return ((images.float().cpu() * 256 - 1) / 255).clamp(0, 1)
 
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -407,6 +435,23 @@ def _figure_batch(dataset, n: int, size: int):
     return {"image": image, "mask": mask}
 
 
+def _gradient_info(model) -> dict:
+    """What the model trained with: the exact gradient, or the reference code's (with whether its tied weights still
+    share storage after the model was moved to its device -- .to('cuda') gives each Parameter its own, as in the
+    reference code, whose decoder is built before the move)."""
+    net = getattr(model, "net", None)
+    cfg = getattr(net, "reference", None)
+    if cfg is None:
+        return {"kind": "exact" if net is not None else "not a tied decoder"}
+    from unroll import reference
+
+    pairs = reference.decoder_weights(net).values()
+    shared = [enc.data_ptr() == dec.data_ptr() for enc, dec in pairs]
+    state = ("aliased: two AdamW steps per tied weight" if shared and all(shared) else
+             "untied copies (moved after the decoder was built)" if shared else "one tensor per weight")
+    return {"kind": "reference", **{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "decoder_weights": state}
+
+
 # ------------------------------------------------------------------------------------------------------------- main
 
 
@@ -434,6 +479,7 @@ def _run(args, parser, rank, world, device, console) -> int:
     from unroll.segmentation.train import TrainConfig, collate, evaluate, predict, train
 
     out = Path(args.out)
+    protocol = PROTOCOLS[args.protocol]
     try:
         data = load_data(args, rank, world)
     except VOCMissingError as err:
@@ -456,13 +502,17 @@ def _run(args, parser, rank, world, device, console) -> int:
                   f"{len(data['train_ids'])}, {len(data['pool'])} image-level, val {len(data['val'])}; "
                   f"{device}{' x ' + str(world) if world > 1 else ''}{', bf16' if args.amp else ''} -> {out}",
                   highlight=False)
+    if protocol.optimistic:
+        console.print(f"[yellow]protocol {protocol.name}[/]: the best step is selected on val, the set it reports "
+                      "-- its mIoU is OPTIMISTIC, not comparable to held-out selection", highlight=False)
     try:
         try:
             clf, clf_info = get_classifier(args, data, device, rank, world, run_kw, console)
             torch.manual_seed(_stable_seed(args.seed, args.labels, args.model, "init"))
             model = bench_models.build(args.model, clf, NUM_CLASSES, epsilon=args.epsilon,
                                        heatmap_scale=args.heatmap_scale, init_scale=args.init_scale,
-                                       classes_per_chunk=args.classes_per_chunk, checkpoint=args.decoder_checkpoint)
+                                       classes_per_chunk=args.classes_per_chunk, checkpoint=args.decoder_checkpoint,
+                                       gradient=protocol.gradient if args.model == "unrolled" else None)
         except Exception as err:  # unknown backbone, a model the compiler rejects, a bad checkpoint
             import unroll
 
@@ -472,11 +522,11 @@ def _run(args, parser, rank, world, device, console) -> int:
             raise
         model = model.to(device, memory_format=run_kw["memory_format"])
         rows_image = args.batch_size - max(1, round(args.pixel_fraction * args.batch_size))
-        steps = _steps_from(args.steps, args.epochs, len(data["image"]), rows_image, 10000)
+        steps = _steps_from(args.steps, args.epochs, len(data["image"]), rows_image, protocol.steps)
         cfg = TrainConfig(steps=steps, batch_size=args.batch_size, pixel_fraction=args.pixel_fraction, lr=args.lr,
                           min_lr=args.lr, weight_decay=args.weight_decay, seg_weight=args.seg_weight,
                           cls_weight=args.cls_weight, eval_every=min(args.eval_every, steps),
-                          eval_batch_size=args.eval_batch_size, select="miou",
+                          eval_batch_size=args.eval_batch_size, select="miou", cls_loss=protocol.cls_loss,
                           seed=_stable_seed(args.seed, args.labels, "batches"), num_workers=workers)
         on_eval = None
         evo = None
@@ -491,7 +541,7 @@ def _run(args, parser, rank, world, device, console) -> int:
         with _Progress(console, f"{args.model} N={args.labels}", steps, args.batch_size,
                        rank == 0 and not args.no_progress) as bar:
             result = train(model, cfg, num_classes=NUM_CLASSES, pixel_set=data["pixel"], image_set=data["image"],
-                           val_set=data["held"], out_dir=out, resume=args.resume, stop_after=args.stop_after,
+                           val_set=data["val"] if protocol.select_on_val else data["held"], out_dir=out, resume=args.resume, stop_after=args.stop_after,
                            on_step=bar.step, on_eval=on_eval, on_log=bar.log, **run_kw["train"])
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: checkpoint in {out / 'ckpt.pt'}; rerun the same command with "
@@ -512,6 +562,8 @@ def _run(args, parser, rank, world, device, console) -> int:
         selection = (f"best held-out mIoU on {len(data['held_out'])} segmentation-train images outside the labelled "
                      f"ones (step {result.best_step} of {steps})" if data["held_out"] else
                      f"last step ({steps}); no selection")
+        if protocol.select_on_val:
+            selection = protocol.selection_note(len(result.history), result.best_step, steps)
         per_class = {name: v for name, v in zip(CLASSES, metrics["per_class"] or [None] * NUM_CLASSES)}
         summary = {
             "format": "unroll-bench-voc/1",
@@ -521,11 +573,16 @@ def _run(args, parser, rank, world, device, console) -> int:
             "f1_note": "macro F1 over the 20 object classes, logit > 0" + (
                 "" if args.model not in ("unet", "fcn") else
                 "; unet/fcn have no logits: the shared classifier, after segmentation training moved its encoder"),
-            "evaluated_on": f"VOC 2012 segmentation val, {len(data['val'])} full images, 255 ignored",
+            "evaluated_on": f"VOC 2012 segmentation val, {len(data['val'])} images, "
+                           f"{protocol.evaluation.format(size=args.image_size)}",
             "reported": selection,
+            "protocol": protocol.name,
+            "optimistic": protocol.optimistic,
+            "training_gradient": _gradient_info(model),
             "steps": steps,
             "best_step": result.best_step,
             "held_out_miou": None if not data["held_out"] else result.best_score,
+            "val_selected_miou": result.best_score if protocol.select_on_val else None,
             "images_per_s": bar.images_per_s,
             "train_seconds": bar.train_seconds,
             "eval_seconds": eval_seconds,
@@ -551,7 +608,8 @@ def _run(args, parser, rank, world, device, console) -> int:
                 for it in items:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         preds.append(predict(model, it["image"][None].to(device)))
-                predictions_figure(out / "predictions.png", [_denorm(it["image"][None])[0] for it in items],
+                predictions_figure(out / "predictions.png",
+                                   [_denorm(it["image"][None], protocol.recipe)[0] for it in items],
                                    [it["mask"] for it in items], [p["pred"][0].cpu() for p in preds],
                                    [p["seg"][0].float().cpu() for p in preds],
                                    f"{args.model} ({args.backbone}), N={args.labels}, VOC val")
@@ -563,13 +621,14 @@ def _run(args, parser, rank, world, device, console) -> int:
                         keep = sorted(set(np.linspace(0, len(snaps) - 1, 8).round().astype(int).tolist()))
                         snaps = [snaps[i] for i in keep]
                     small = F.interpolate(evo["mask"][:, None].float(), scale_factor=0.5, mode="nearest")[:, 0]
-                    figures.evolution_figure(out / "evolution.png", _denorm(F.avg_pool2d(evo["image"], 2)),
+                    figures.evolution_figure(out / "evolution.png",
+                                             _denorm(F.avg_pool2d(evo["image"], 2), protocol.recipe),
                                              small.long(), [(s, h.float()) for s, h in snaps], list(CLASSES),
                                              title=f"{args.model} heatmaps during training (VOC val images)")
             except Exception as err:  # figures are a bonus; never lose the metrics for them
                 console.print(f"[yellow]figures failed[/]: {err!r}")
         console.print(f"val mIoU {100 * metrics['miou']:.2f}  F1 {100 * (metrics['f1'] or 0):.2f}  "
-                      f"({selection}); wrote {out / 'metrics.json'}", highlight=False)
+                      f"({selection}); protocol {protocol.name}; wrote {out / 'metrics.json'}", highlight=False)
     _barrier(world)
     return 0
 
