@@ -285,11 +285,80 @@ def test_resnet_heatmaps_and_heads():
     model = randomize(tvm.resnet18(num_classes=K))
     x, _ = inputs(n=2, size=32)
     exact = unroll.compile(model)(x).heatmaps
+    fresh = R.REFERENCE.replace(tie="shared", stale_bn_output=False)
     for head in ("logit", "weight"):
-        acc = R.compile(model, R.REFERENCE.replace(tie="shared", unpool="accumulate", head=head))(x).heatmaps
+        acc = R.compile(model, fresh.replace(unpool="accumulate", head=head))(x).heatmaps
         assert relative_error(acc, exact) < 2e-4, head  # measured 5e-5: eps / z at small z
-    over = R.compile(model, R.REFERENCE.replace(tie="shared"))(x).heatmaps
+    over = R.compile(model, fresh)(x).heatmaps
     assert relative_error(over, exact) > 1e-3
+    stale = R.compile(model, R.REFERENCE.replace(tie="shared", unpool="accumulate"))(x).heatmaps
+    assert relative_error(stale, exact) > 1e-2  # out += identity rewrote the stored bn2 outputs
+
+
+class Residual(nn.Module):
+    """conv-bn-relu, conv-bn, += skip in place, relu in place (torchvision's BasicBlock pattern), global pool, fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu, self.pool, self.fc = nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Linear(4, K)
+
+    def forward(self, x):
+        h = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(h))
+        out += h
+        out = self.relu(out)
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+def residual_formula(m, x, stale):
+    """The reference's relevance on Residual (eval mode), its BN ratios read from what its hooks would hold."""
+    with torch.no_grad():
+        z1 = m.conv1(x)
+        y1 = m.bn1(z1)
+        h = torch.relu(y1)
+        z2 = m.conv2(h)
+        y2 = m.bn2(z2)
+        s = y2 + h
+        o = torch.relu(s)
+        g = o.mean((2, 3))
+        logits = m.fc(g)
+
+    def scale(bn):
+        return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(1, -1, 1, 1)
+
+    def ratio(z, y):  # z / y with the reference's safe division (y == 0 -> 0)
+        return torch.where(y == 0, torch.zeros_like(z), z / (y + SAFE))
+
+    def conv_t(conv, a, S):
+        return _transpose(lambda p: F.conv2d(p, conv.weight, None, conv.stride, conv.padding), a, S)
+
+    maps = []
+    for k in range(K):
+        T = torch.zeros_like(logits)
+        T[:, k] = logits[:, k]
+        Rg = g * ((T / (logits + EPS + SAFE)) @ m.fc.weight)
+        Ro = o * (Rg / (g + SAFE))[:, :, None, None] / (o.shape[2] * o.shape[3])
+        Ry2, Rskip = y2 / (s + SAFE) * Ro, h / (s + SAFE) * Ro
+        Rz2 = scale(m.bn2) * ratio(z2, o if stale else y2) * Ry2
+        Rh = h * conv_t(m.conv2, h, Rz2 / (z2 + EPS + SAFE)) + Rskip
+        Rz1 = scale(m.bn1) * ratio(z1, h if stale else y1) * Rh
+        maps.append((x * conv_t(m.conv1, x, Rz1 / (z1 + EPS + SAFE))).sum(1))
+    return torch.stack(maps, 1)
+
+
+@pytest.mark.parametrize("stale", [True, False])
+def test_stale_bn_output_after_inplace_residual_sum(stale):
+    model = randomize(Residual())
+    x, _ = inputs()
+    ours = R.compile(model, R.REFERENCE.replace(tie="shared", stale_bn_output=stale))(x).heatmaps
+    assert relative_error(ours, residual_formula(model, x, stale)) < 1e-10
+    exact = unroll.compile(model)(x).heatmaps
+    if stale:
+        assert relative_error(ours, exact) > 1e-2
+    else:
+        assert relative_error(ours, exact) < 1e-4
 
 
 def test_refuses_ops_it_has_no_rule_for():
