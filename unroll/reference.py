@@ -330,11 +330,13 @@ class _Rules:  # noqa: D101
     def max_pool(self, r):
         if self.cfg.unpool == "accumulate":
             return rules.max_pool(r)  # scatter-add of R at the argmax: the transpose of max pooling
-        if rules._spatial_dims(r) != 2:
-            r.unsupported("the overwriting unpool is F.max_unpool2d; 1d/3d max pooling needs unpool='accumulate'")
-        kw = rules._pool_args(r, rules._MAX_POOL_ARGS)
+        m = r.module
+        if not isinstance(m, nn.MaxPool2d) or m.return_indices or m.dilation not in (1, (1, 1)):
+            r.unsupported("the overwriting unpool (F.max_unpool2d, as the reference) covers nn.MaxPool2d modules "
+                          "without dilation; use unpool='accumulate' for other max pooling")
+        kw = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "ceil_mode": m.ceil_mode}
         indices = r.rewrite_with_indices(F.max_pool2d, r.x, **kw)
-        return overwrite_unpool(r.q, indices, kw["kernel_size"], kw["stride"], kw["padding"], r.shape(r.x))
+        return overwrite_unpool(r.q, indices, m.kernel_size, m.stride, m.padding, r.shape(r.x))
 
     def adaptive_avg_pool(self, r):
         a = self.read(r, r.x, "in")
