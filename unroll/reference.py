@@ -25,11 +25,6 @@ Switches (``ReferenceGradient``), each on as the reference has it:
 - ``epsilon`` (1e-8): the stabiliser in ``R_z / (z + epsilon)``; no sign (unlike zennit's).
 - ``detach_bn`` (True): BatchNorm's ratio ``gamma / sigma * z / y`` is a constant; no gradient reaches gamma, beta or
   the statistics through the heatmaps.
-- ``stale_bn_output`` (True): the BN ratio's ``y`` is the BN output tensor as it is *after* the forward pass. The
-  reference's forward hooks keep a reference to it, and in-place ops that follow BatchNorm rewrite it: after
-  ``nn.ReLU(inplace=True)`` it holds relu(y) (same maps: relevance is 0 where y <= 0 anyway), after torchvision's
-  ``out += identity`` in every ResNet block it holds relu(y + identity), so the last BN of each residual branch
-  scales relevance by y / (y + identity) a second time. False: y as BatchNorm computed it.
 - ``encoder_path`` (True): the relevance pass reads the encoder's activations, logits and weights *in the autograd
   graph*: the heatmap loss then also backpropagates through ``a``, ``z`` and the logit seed into the encoder.
   Pairs that cancel in value do not cancel in the gradient where one side is detached (BN ratios, biases), which
@@ -49,11 +44,12 @@ Switches (``ReferenceGradient``), each on as the reference has it:
   (``bottle_conv``), ``R = a * W_k / (H W)`` straight from the encoder's own fc weight (not aliased).
 
 Not reproduced (see docs/reference_gradient.md): each reference decoder call re-runs some BatchNorms in train mode
-(extra running-statistics updates); its decoder copy starting from weights other than the encoder's.
+(extra running-statistics updates); its decoder copy starting from weights other than the encoder's. Not needed:
+its hooks keep BN outputs that in-place ops rewrite later (an in-place ReLU changes neither maps nor gradients; the
+residual blocks' last BN is re-run, refreshing the stored output, before its relevance step).
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -82,7 +78,6 @@ class ReferenceGradient:
 
     epsilon: float = 1e-8
     detach_bn: bool = True
-    stale_bn_output: bool = True
     encoder_path: bool = True
     tie: str = "alias"
     unpool: str = "overwrite"
@@ -171,17 +166,6 @@ def bn_ratio(z, y, bn, detach):
     return ratio.detach() if detach else ratio  # detach: gamma's part of the scale too
 
 
-def bn_scale(z, bn):
-    """gamma / sigma per channel as a constant (batch variance in train mode), for the stale-output ratio."""
-    return ops.batch_norm_scale(z.detach(), bn).detach()
-
-
-@ops.graph_op
-def stale_bn_ratio(scale, z, y):
-    """gamma / sigma * z / y with y the BN output tensor read after the forward (in-place ops included), constant."""
-    return (scale.view(-1, *[1] * (z.dim() - 2)) * safe_divide(z, y)).detach()
-
-
 def add_ratio(u, v, detach):
     """u / (u + v) with the safe division, live (the reference's residual split, which is not detached)."""
     u, v = (u.detach(), v.detach()) if detach else (u.clone(), v.clone())  # clones: an in-place += follows
@@ -210,49 +194,6 @@ def _mutated_later(node: fx.Node, root: nn.Module) -> bool:
                 or (user.op == "call_method" and str(user.target).endswith("_"))):
             return True
     return False
-
-
-def _inplace_relu(node: fx.Node, root: nn.Module) -> bool:
-    module = root.get_submodule(node.target) if node.op == "call_module" else None
-    if module is not None:
-        return isinstance(module, nn.ReLU) and module.inplace
-    return node.target in (torch.relu_, F.relu_, "relu_") or (node.target is F.relu and node.kwargs.get("inplace"))
-
-
-def _augmented_add(node: fx.Node) -> bool:
-    """`out += other` in the model's source: fx records it as an out-of-place add, eager torch runs it in place on
-    `out`. The source line is in the node's stack trace (compile() traces with record_stack_traces)."""
-    if node.target is operator.iadd:
-        return True
-    if node.target is not operator.add:
-        return False
-    lines = [line.strip() for line in node.meta.get("stack_trace", "").splitlines()]
-    frames = [(f, code) for f, code in zip(lines[::2], lines[1::2]) if f.startswith("File") and "torch/fx/" not in f]
-    return bool(frames) and "+=" in frames[-1][1]  # the innermost frame of the model's own code
-
-
-def _recorded_by_rules(node: fx.Node) -> bool:
-    """A node the rules added to the forward graph (saved values, shapes), not one of the model's own ops."""
-    if node.op != "call_function":
-        return False
-    if node.target is getattr:
-        return True
-    return getattr(node.target, "__module__", None) in (__name__, ops.__name__) or node.target is operator.gt
-
-
-def _stored_value(node: fx.Node, root: nn.Module) -> fx.Node:
-    """The node whose value eager torch leaves in `node`'s tensor at the end of the forward: follow the in-place
-    ops applied to it (an in-place ReLU; `out += identity` with it on the left, as in torchvision's ResNet blocks)."""
-    while True:
-        users = [u for u in node.users if not _recorded_by_rules(u)]
-        if len(users) != 1:
-            break
-        user = users[0]
-        if user.args and user.args[0] is node and (_inplace_relu(user, root) or _augmented_add(user)):
-            node = user
-            continue
-        break
-    return node
 
 
 class _Rules:  # noqa: D101
@@ -308,18 +249,6 @@ class _Rules:  # noqa: D101
         return q if is_input else times_input(a, q)
 
     def batch_norm(self, r):
-        if self.cfg.stale_bn_output:
-            if not (self.cfg.detach_bn or not self.cfg.encoder_path):
-                r.unsupported("stale_bn_output=True reads the BN output after in-place ops, which autograd cannot "
-                              "differentiate; it needs detach_bn=True")
-            scale = r.save(bn_scale, r.x, r.module_ref(), name="bn_scale", batched=False, after=True)
-            z = r.save(_detached, r.x, name="bn_in")
-            last = _stored_value(r.node, r.em.root)
-            graph = r.em.enc
-            with graph.inserting_after(last):
-                value = graph.call_function(_detached, (last,))
-            y = r.em.saved_input(value, f"bn_out_{r.node.name}", True)
-            return r.q * stale_bn_ratio(scale, z, y).unsqueeze(1)
         ratio = r.save(bn_ratio, r.x, r.node, r.module_ref(), self.cfg.detach_bn or not self.cfg.encoder_path,
                        name="bn_ratio", after=True)
         return r.q * ratio.unsqueeze(1)
