@@ -541,7 +541,8 @@ def _run(args, parser, rank, world, device, console) -> int:
         with _Progress(console, f"{args.model} N={args.labels}", steps, args.batch_size,
                        rank == 0 and not args.no_progress) as bar:
             result = train(model, cfg, num_classes=NUM_CLASSES, pixel_set=data["pixel"], image_set=data["image"],
-                           val_set=data["val"] if protocol.select_on_val else data["held"], out_dir=out, resume=args.resume, stop_after=args.stop_after,
+                           val_set=data["val"] if protocol.select_on_val else data["held"], out_dir=out,
+                           resume=args.resume, stop_after=args.stop_after,
                            on_step=bar.step, on_eval=on_eval, on_log=bar.log, **run_kw["train"])
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: checkpoint in {out / 'ckpt.pt'}; rerun the same command with "

@@ -110,7 +110,8 @@ def test_reference_training_transform_is_photometric_and_square(voc_root):
 
 def test_reference_loss_is_soft_margin_times_batch():
     """cls_loss='reference': mean over all K columns (background weight 0) of the sigmoid CE, mean over rows, times
-    the batch size; against our BCE (mean over rows and the K-1 object classes) that is B (K-1)/K: 9.52 at B=10, K=21."""
+    the batch size; against our BCE (mean over rows and the K-1 object classes) that is B (K-1)/K: 9.52 at B=10,
+    K=21."""
     torch.manual_seed(0)
     B, K = 10, 21
     logits = torch.randn(B, K, dtype=torch.double)
