@@ -103,14 +103,23 @@ class _Tied(nn.Module):
 
 
 class UnrolledModel(_Tied):
-    """``unroll.compile(classifier)``: logits and every class's heatmap (input x gradient, or LRP-epsilon)."""
+    """``unroll.compile(classifier)``: logits and every class's heatmap (input x gradient, or LRP-epsilon).
+
+    ``gradient``: an ``unroll.reference.ReferenceGradient`` trains with the reference code's gradient instead
+    (LRP-epsilon relevance on live activations, its ties and unpooling; ``rule``, ``epsilon`` and ``bn_grad`` do
+    not apply then)."""
 
     def __init__(self, classifier: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6,
                  heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
-                 classes_per_chunk: int | str | None = "auto", checkpoint: bool = False):
+                 classes_per_chunk: int | str | None = "auto", checkpoint: bool = False, gradient=None):
         super().__init__()
-        self.net = unroll.compile(classifier, rules=tied_rules(rule, epsilon, bn_grad),
-                                  classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
+        memory = {"classes_per_chunk": classes_per_chunk, "checkpoint": checkpoint}
+        if gradient is not None:
+            from unroll import reference
+
+            self.net = reference.compile(classifier, gradient, **memory)
+        else:
+            self.net = unroll.compile(classifier, rules=tied_rules(rule, epsilon, bn_grad), **memory)
         self.scale = HeatmapScale(heatmap_scale, init_scale)
 
 
@@ -152,12 +161,13 @@ class UNetModel(nn.Module):
 def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float = 1e-6,
           heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
           perturbation: str = "none", seed: int = 0, classes_per_chunk: int | str | None = "auto",
-          checkpoint: bool = False) -> nn.Module:
+          checkpoint: bool = False, gradient=None) -> nn.Module:
     """The model called `name` (see MODEL_NAMES) on `classifier` (used as is: pass a copy to keep the original).
 
     The classifier's logits must have `num_classes` outputs (background included) for the tied models, whose maps
     are one per logit. Free decoders (unet, mt-unet, fcn) are initialised from torch's global RNG.
     `classes_per_chunk` and `checkpoint` bound the tied decoder's memory (see ``unroll.compile``; same results).
+    `gradient` (an ``unroll.reference.ReferenceGradient``, "unrolled" only): train with the reference code's gradient.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")
@@ -174,9 +184,11 @@ def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float 
         if k is not None and k != num_classes:
             raise ValueError(f"{name} gives one heatmap per logit: the classifier has {k} outputs, "
                              f"the segmentation task {num_classes} classes")
+    if gradient is not None and name != "unrolled":
+        raise ValueError(f"gradient= (the reference code's training gradient) applies to 'unrolled', not {name!r}")
     if name == "unrolled":
         return UnrolledModel(classifier, "lrp0", heatmap_scale=heatmap_scale, init_scale=init_scale, bn_grad=bn_grad,
-                             **memory)
+                             gradient=gradient, **memory)
     if name == "unrolled-eps":
         return UnrolledModel(classifier, "epsilon", epsilon, heatmap_scale, init_scale, bn_grad, **memory)
     if name == "ws-ae":
