@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from rich.markup import escape  # messages hold paths and '[role]' tags, never markup
 
 from bench.cli import class_chunks, integer, number
+from bench.protocol import OURS, Protocol
 from unroll.segmentation.train import stable_seed
 from unroll.segmentation.transforms import denormalize
 from zoo.segmentation import SEG_MODELS, TIED
@@ -64,12 +65,24 @@ def _scale(text: str) -> float | str:
 
 def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backbone: str = "resnet50",
                   default_steps: int = 10000, default_pretrain_steps: int = 5000, default_image_size: int = 256,
-                  default_labels: int = 20) -> None:
-    """The flags every experiment shares (model, training, run); the CLI adds its data flags."""
+                  default_labels: int = 20, protocols: Sequence[Protocol] = ()) -> None:
+    """The flags every experiment shares (model, training, run); the CLI adds its data flags.
+
+    ``protocols``: the CLI has a ``--protocol`` flag choosing among these (bench.protocol); --steps, --eval-every
+    and --weight-decay then default to None, their help lists each protocol's default, and the CLI's check fills
+    them in (:func:`fill_protocol_defaults`)."""
+
+    def by_protocol(field_: str, fallback) -> tuple[Any, str]:
+        if not protocols:
+            return fallback, ""
+        return None, " (default: " + ", ".join(f"{getattr(q, field_):g} under --protocol {q.name}"
+                                               for q in protocols) + ")"
     g = p.add_argument_group("labels and crops")
     g.add_argument("--labels", type=integer(1), default=default_labels,
                    help="pixel-labelled training images (picked class-balanced from --seed)")
-    g.add_argument("--image-size", type=integer(16), default=default_image_size, help="training crop side (pixels)")
+    g.add_argument("--image-size", type=integer(16), default=default_image_size,
+                   help="training crop side (pixels)" + ("; under --protocol reference also the evaluation crop"
+                                                         if any(q.name == "reference" for q in protocols) else ""))
     g.add_argument("--skip-bad", action="store_true",
                    help="leave out the files the validation pass finds bad (listed in metrics.json) instead of "
                         "stopping with the list")
@@ -96,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
     g.add_argument("--decoder-checkpoint", action="store_true",
                    help="tied models: recompute the decoder in backward instead of storing it (same numbers)")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=integer(1), default=None, help=f"segmentation steps (default {default_steps})")
+    steps_help = by_protocol("steps", None)[1] or f" (default {default_steps})"
+    g.add_argument("--steps", type=integer(1), default=None, help=f"segmentation steps{steps_help}")
     g.add_argument("--epochs", type=number(0.0, True), default=None,
                    help="instead of --steps: passes over the image-level pool")
     g.add_argument("--pretrain-steps", type=integer(0), default=None,
@@ -110,11 +124,14 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
     g.add_argument("--pretrain-perturb", choices=("none", "gaussian", "binary"), default="none",
                    help="model-pert: train the classifier stage on perturbed inputs (gaussian sigma 0.15 of the "
                         "image's range, or binary pixel keep-probability 0.9)")
-    g.add_argument("--weight-decay", type=number(0.0, False), default=1e-4,
-                   help="AdamW weight decay (weights only, not biases / BatchNorm), both stages")
+    default, note = by_protocol("weight_decay", 1e-4)
+    g.add_argument("--weight-decay", type=number(0.0, False), default=default,
+                   help="AdamW weight decay (weights only, not biases / BatchNorm), both stages" + note)
     g.add_argument("--seg-weight", type=number(0.0, False), default=1.0, help="weight of the pixel-wise CE")
     g.add_argument("--cls-weight", type=number(0.0, False), default=1.0, help="weight of the sigmoid CE")
-    g.add_argument("--eval-every", type=integer(1), default=1000, help="checkpoint (and held-out evaluation) interval")
+    default, note = by_protocol("eval_every", 1000)
+    g.add_argument("--eval-every", type=integer(1), default=default,
+                   help="checkpoint (and held-out evaluation) interval" + note)
     g.add_argument("--eval-batch-size", type=integer(1), default=4, help="full-image evaluation batch")
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
@@ -132,6 +149,15 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     g.add_argument("--stop-after", type=integer(1), default=None, help=argparse.SUPPRESS)  # tests: simulate Ctrl-C
     p.set_defaults(default_steps=default_steps, default_pretrain_steps=default_pretrain_steps)
+
+
+def fill_protocol_defaults(args: argparse.Namespace, protocol: Protocol) -> None:
+    """The protocol's defaults for the flags left unset (see add_arguments(protocols=))."""
+    if args.eval_every is None:
+        args.eval_every = protocol.eval_every
+    if args.weight_decay is None:
+        args.weight_decay = protocol.weight_decay
+    args.default_steps = protocol.steps
 
 
 def check(args: argparse.Namespace) -> None:
@@ -215,6 +241,9 @@ class Experiment:
     info: dict = field(default_factory=dict)  # extra metrics.json fields (split sizes, skipped files, ...)
     data_meta: dict = field(default_factory=dict)  # extra checkpoint meta (e.g. the folder spec)
     palette: np.ndarray | None = None
+    # bench.protocol: the loss, the selection set, the unrolled model's training gradient (the data recipe and the
+    # flag defaults are the loader's / the CLI's); OURS unless the CLI has --protocol
+    protocol: Protocol = OURS
 
     @property
     def num_classes(self) -> int:
@@ -252,7 +281,30 @@ def model_kwargs(args) -> dict:
             "classes_per_chunk": args.classes_per_chunk, "checkpoint": args.decoder_checkpoint}
 
 
-def check_model_builds(args, num_classes: int) -> None:
+def training_gradient(args, exp: Experiment):
+    """The protocol's training gradient for the model (an unroll.reference.ReferenceGradient applies to "unrolled"
+    only; the other models train with their own gradient under every protocol), or None: exact."""
+    return exp.protocol.gradient if args.model == "unrolled" else None
+
+
+def gradient_info(model) -> dict:
+    """What the model trained with: the exact gradient, or the reference code's (with whether its tied weights still
+    share storage after the model was moved to its device -- .to('cuda') gives each Parameter its own, as in the
+    reference code, whose decoder is built before the move)."""
+    net = getattr(model, "net", None)
+    cfg = getattr(net, "reference", None)
+    if cfg is None:
+        return {"kind": "exact" if net is not None else "not a tied decoder"}
+    from unroll import reference
+
+    pairs = reference.decoder_weights(net).values()
+    shared = [enc.data_ptr() == dec.data_ptr() for enc, dec in pairs]
+    state = ("aliased: two AdamW steps per tied weight" if shared and all(shared) else
+             "untied copies (moved after the decoder was built)" if shared else "one tensor per weight")
+    return {"kind": "reference", **asdict(cfg), "decoder_weights": state}
+
+
+def check_model_builds(args, num_classes: int, gradient=None) -> None:
     """Build the segmentation model once on an untrained classifier (no weights loaded): an unknown backbone or one
     the compiler refuses fails here, before the classification stage spends any time. The classifier is
     initialised from a private RNG so the global one (the run's seeds) is untouched."""
@@ -261,7 +313,7 @@ def check_model_builds(args, num_classes: int) -> None:
 
     with torch.random.fork_rng(devices=[]):
         clf = zoo.classifier(args.backbone, num_classes, weights=None)
-        seg_models.build(args.model, clf, num_classes, **model_kwargs(args))
+        seg_models.build(args.model, clf, num_classes, **model_kwargs(args), gradient=gradient)
 
 
 def get_classifier(args, exp: Experiment, device, rank, world, run_kw, console) -> tuple[torch.nn.Module, dict]:
@@ -284,6 +336,8 @@ def get_classifier(args, exp: Experiment, device, rank, world, run_kw, console) 
         spec["perturb"] = args.pretrain_perturb
     if exp.name != "voc":  # the pool depends on the split (VOC's is fixed; its cached classifiers stay valid)
         spec["pool"] = sorted(exp.image.ids)
+    if exp.protocol is not OURS:  # another input scaling and augmentation: another classifier (absent for ours)
+        spec["protocol"] = exp.protocol.name
     folder = Path(args.classifier_dir) if args.classifier_dir else Path(args.out) / "classifier"
     state = cached_classifier_state(folder, spec)
     if state is not None:  # (checked first: the initial weights need not be built, or downloaded)
@@ -315,9 +369,10 @@ class Progress:
     """A rich progress bar (loss, last held-out mIoU, images/s) on rank 0, and the training images/s measured
     between steps (evaluation time excluded)."""
 
-    def __init__(self, console, name: str, total: int, batch_size: int, show: bool):
+    def __init__(self, console, name: str, total: int, batch_size: int, show: bool,
+                 score_name: str = "held-out mIoU"):
         self.console, self.name, self.total, self.batch = console, name, total, batch_size
-        self.show = show
+        self.show, self.score_name = show, score_name
         self.train_seconds, self.images, self.last = 0.0, 0, None
         self.info = {"loss": None, "miou": None}
 
@@ -351,7 +406,7 @@ class Progress:
             ips = self.images_per_s
             text = " ".join(s for s in (
                 f"loss {self.info['loss']:.3f}" if self.info["loss"] is not None else "",
-                f"held-out mIoU {100 * self.info['miou']:.1f}" if self.info["miou"] is not None else "",
+                f"{self.score_name} {100 * self.info['miou']:.1f}" if self.info["miou"] is not None else "",
                 f"{ips:.1f} img/s" if ips else "") if s)
             self.bar.update(self.task, completed=step, info=text)
 
@@ -487,8 +542,10 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
     k = exp.num_classes
+    protocol = exp.protocol
+    gradient = training_gradient(args, exp)
     try:
-        check_model_builds(args, k)
+        check_model_builds(args, k, gradient)
     except Exception as err:  # unknown backbone, a model the compiler rejects
         if isinstance(err, (ValueError, unroll.UnsupportedModelError, RuntimeError, KeyError)):
             console.print(f"[red]error:[/] {type(err).__name__}: {escape(str(err))}", highlight=False)
@@ -512,20 +569,25 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
                   f"pixel-labelled, {len(exp.image)} image-level, evaluation on {len(exp.test)}; "
                   f"{device}{' x ' + str(world) if world > 1 else ''}{', bf16' if args.amp else ''} -> {out}",
                   highlight=False)
+    if protocol.optimistic:
+        console.print(f"[yellow]protocol {protocol.name}[/]: the best step is selected on the evaluation set, the "
+                      "set it reports -- its mIoU is OPTIMISTIC, not comparable to held-out selection",
+                      highlight=False)
     meta = {"format": META_FORMAT, "experiment": exp.name, "model": args.model, "backbone": args.backbone,
             "classes": list(exp.classes), "model_kwargs": model_kwargs(args), "mean": list(exp.mean),
-            "std": list(exp.std), "image_size": args.image_size, **exp.data_meta}
+            "std": list(exp.std), "image_size": args.image_size,
+            "training_gradient": None if gradient is None else asdict(gradient), **exp.data_meta}
     try:
         clf, clf_info = get_classifier(args, exp, device, rank, world, run_kw, console)
         torch.manual_seed(stable_seed(args.seed, args.labels, args.model, "init"))
-        model = seg_models.build(args.model, clf, k, **model_kwargs(args))
+        model = seg_models.build(args.model, clf, k, **model_kwargs(args), gradient=gradient)
         model = model.to(device, memory_format=run_kw["memory_format"])
         rows_image = args.batch_size - max(1, round(args.pixel_fraction * args.batch_size))
         steps = steps_from(args.steps, args.epochs, len(exp.image), rows_image, args.default_steps)
         cfg = TrainConfig(steps=steps, batch_size=args.batch_size, pixel_fraction=args.pixel_fraction, lr=args.lr,
                           min_lr=args.lr, weight_decay=args.weight_decay, seg_weight=args.seg_weight,
                           cls_weight=args.cls_weight, eval_every=min(args.eval_every, steps),
-                          eval_batch_size=args.eval_batch_size, select="miou",
+                          eval_batch_size=args.eval_batch_size, select="miou", cls_loss=protocol.cls_loss,
                           seed=stable_seed(args.seed, args.labels, "batches"), num_workers=workers)
         on_eval = None
         evo = None
@@ -537,10 +599,14 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     seg = predict(m, evo_x)["seg"].float()
                 return F.avg_pool2d(seg, 2).to(torch.float16).cpu()
+        # the selection set: held-out training images (or none: the last step), or, under a protocol that selects
+        # on the set it reports (optimistic), the evaluation set itself
+        selection_set = exp.test if protocol.select_on_val else exp.held
         with Progress(console, f"{args.model} N={len(exp.labelled)}", steps, args.batch_size,
-                      rank == 0 and not args.no_progress) as bar:
+                      rank == 0 and not args.no_progress,
+                      "val mIoU (optimistic)" if protocol.select_on_val else "held-out mIoU") as bar:
             result = train(model, cfg, num_classes=k, pixel_set=exp.pixel, image_set=exp.image,
-                           val_set=exp.held, out_dir=out, resume=args.resume, stop_after=args.stop_after,
+                           val_set=selection_set, out_dir=out, resume=args.resume, stop_after=args.stop_after,
                            on_step=bar.step, on_eval=on_eval, on_log=bar.log, meta=meta, **run_kw["train"])
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: checkpoint in {out / 'ckpt.pt'}; rerun the same command with "
@@ -556,6 +622,8 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
     if rank == 0:
         selection = (f"best held-out mIoU on {len(exp.held_out)} training images outside the labelled ones "
                      f"(step {result.best_step} of {steps})" if exp.held_out else f"last step ({steps}); no selection")
+        if protocol.select_on_val:
+            selection = protocol.selection_note(len(result.history), result.best_step, steps)
         eval_start = time.perf_counter()
 
         def summary(metrics: dict) -> dict:
@@ -570,9 +638,13 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
                     "; unet/fcn have no logits: the shared classifier, after segmentation training moved its encoder"),
                 "evaluated_on": exp.evaluated_on,
                 "reported": selection,
+                "protocol": protocol.name,
+                "optimistic": protocol.optimistic,
+                "training_gradient": gradient_info(model),
                 "steps": steps,
                 "best_step": result.best_step,
                 "held_out_miou": None if not exp.held_out else result.best_score,
+                "val_selected_miou": result.best_score if protocol.select_on_val else None,
                 "images_per_s": bar.images_per_s,
                 "train_seconds": bar.train_seconds,
                 "eval_seconds": time.perf_counter() - eval_start,
@@ -606,8 +678,9 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
                 _run_figures(args, exp, model, result, evo, device, amp_dtype, out)
             except Exception as err:  # figures are a bonus; never lose the metrics for them
                 console.print(f"[yellow]figures failed[/]: {err!r}")
+        note = "" if protocol is OURS else f"; protocol {protocol.name}"
         console.print(f"mIoU {100 * metrics['miou']:.2f}  F1 {100 * (metrics['f1'] or 0):.2f}  "
-                      f"({selection}); wrote {out / 'metrics.json'}", highlight=False)
+                      f"({selection}){note}; wrote {out / 'metrics.json'}", highlight=False)
     barrier(world)
     return 0
 
@@ -658,7 +731,12 @@ def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") ->
                          "bench.voc train (or by an older version); retrain, or use the training code directly")
     k = len(meta["classes"])
     clf = zoo.classifier(meta["backbone"], k, weights=None)
-    model = seg_models.build(meta["model"], clf, k, **meta["model_kwargs"])
+    gradient = meta.get("training_gradient")
+    if gradient is not None:  # (its tied weights are parameters of their own: the state dict holds them)
+        from unroll import reference
+
+        gradient = reference.ReferenceGradient(**gradient)
+    model = seg_models.build(meta["model"], clf, k, **meta["model_kwargs"], gradient=gradient)
     state = ckpt["state"]
     weights = state.get("best_model") or ckpt["model"]
     model.load_state_dict(weights)

@@ -22,6 +22,11 @@ and hold only class ids 0-20 or 255, XMLs parse): each bad file is listed by pat
 stage, so a backbone the compiler refuses costs nothing; an OUT holding a checkpoint is resumed (``--resume``) or
 replaced (``--overwrite``), never overwritten silently.
 
+``--protocol reference`` runs the reference code's protocol instead (bench.protocol: its loss weighting, input
+scaling, augmentation, 156,800 steps, centre-crop evaluation with void as background, selection on val -- labelled
+optimistic in metrics.json and the log -- and the unrolled model on its training gradient, unroll.reference; see
+docs/reference_gradient.md). ``--protocol ours`` (the above) is the default.
+
 Writes OUT/metrics.json (always, ``"partial": true`` if the evaluation did not finish), OUT/history.jsonl,
 OUT/labelled.txt, OUT/ckpt.pt (every evaluation and on Ctrl-C; ``--resume`` continues exactly), OUT/predictions.png
 and OUT/evolution.png (tied models). The experiment itself is ``bench.runner``, shared with ``bench.folder``.
@@ -42,6 +47,7 @@ import numpy as np
 
 from bench import runner
 from bench.cli import Help, integer
+from bench.protocol import PROTOCOLS
 from bench.runner import MODELS
 from unroll.segmentation.train import stable_seed
 from zoo.segmentation import TIED
@@ -58,17 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Help,
     )
     g = p.add_argument_group("data")
+    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="ours",
+                   help="ours (honest: held-out selection, full images) or reference (the reference code's protocol, "
+                        "selection on val: optimistic; see bench/protocol.py)")
     g.add_argument("--root", default="data", help="folder holding VOCdevkit/VOC2012 (torchvision's root)")
     g.add_argument("--download", action="store_true", help="download VOC 2012 trainval (~2 GB) into --root if absent")
     g.add_argument("--select-on", type=integer(0), default=0,
                    help="hold out this many segmentation-train images (outside the labelled ones) and keep the "
                         "step with the best held-out mIoU; 0 = report the last step. Val is never used.")
-    runner.add_arguments(p, default_out="runs/voc")
+    runner.add_arguments(p, default_out="runs/voc", protocols=tuple(PROTOCOLS.values()))
     return p
 
 
 def check(args: argparse.Namespace) -> None:
-    """What argparse cannot check alone (ValueError -> usage error)."""
+    """What argparse cannot check alone (ValueError -> usage error). Fills the protocol's defaults."""
+    protocol = PROTOCOLS[args.protocol]
+    runner.fill_protocol_defaults(args, protocol)
+    if protocol.select_on_val and args.select_on:
+        raise ValueError(f"--select-on: --protocol {protocol.name} selects on val itself (that is what makes it "
+                         "optimistic); drop --select-on or use --protocol ours")
     runner.check(args)
 
 
@@ -146,17 +160,23 @@ def load_experiment(args, rank: int, world: int, console) -> runner.Experiment:
         raise DataError(problems, "no val image is left to evaluate on")
     size = args.image_size
     skipped = f", {len(val_ids) - len(val_kept)} bad ones left out" if len(val_kept) < len(val_ids) else ""
+    protocol = PROTOCOLS[args.protocol]
+    # the protocol's data recipe: transforms, input scaling, void handling (ours evaluates full images whatever
+    # image_size is; the reference crops image_size squares)
+    data = {"image_size": size, "recipe": protocol.recipe}
+    mean, std = voc.recipe_normalisation(protocol.recipe)
     return runner.Experiment(
         name="voc", classes=list(voc.CLASSES),
-        pixel=voc.VOCPixelSet(args.root, ids=labelled, image_set="train", train=True, image_size=size),
-        image=voc.VOCImageLevelSet(args.root, pool, labels, train=True, image_size=size),
-        held=voc.VOCPixelSet(args.root, ids=held_out, image_set="train", train=False) if held_out else None,
-        test=voc.VOCPixelSet(args.root, ids=val_kept, image_set="val", train=False),
+        pixel=voc.VOCPixelSet(args.root, ids=labelled, image_set="train", train=True, **data),
+        image=voc.VOCImageLevelSet(args.root, pool, labels, train=True, **data),
+        held=voc.VOCPixelSet(args.root, ids=held_out, image_set="train", train=False, **data) if held_out else None,
+        test=voc.VOCPixelSet(args.root, ids=val_kept, image_set="val", train=False, **data),
         labelled=labelled, held_out=held_out,
-        evaluated_on=f"VOC 2012 segmentation val, {len(val_kept)} full images{skipped}, 255 ignored",
-        source=str(Path(args.root).resolve()), mean=voc.IMAGENET_MEAN, std=voc.IMAGENET_STD,
+        evaluated_on="VOC 2012 segmentation val, " + protocol.evaluation.format(n=len(val_kept), skipped=skipped,
+                                                                                size=size),
+        source=str(Path(args.root).resolve()), mean=mean, std=std,
         info={"skipped_files": [p.to_dict() for p in problems]},
-        data_meta={"data": {"kind": "voc"}}, palette=voc.voc_palette())
+        data_meta={"data": {"kind": "voc", "recipe": protocol.recipe}}, palette=voc.voc_palette(), protocol=protocol)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,8 +59,8 @@ def test_evolution_figure_has_a_scale_and_a_legend(saved, tmp_path):
 
 
 def test_voc_predictions_figure_has_map_scales_and_a_class_legend(saved, tmp_path):
-    from bench.data.voc import CLASSES
-    from bench.voc import predictions_figure
+    from bench.data.voc import CLASSES, voc_palette
+    from bench.runner import predictions_figure
 
     n, size = 2, 12
     images = [torch.rand(3, size, size) for _ in range(n)]
@@ -69,7 +69,7 @@ def test_voc_predictions_figure_has_map_scales_and_a_class_legend(saved, tmp_pat
     preds = [m.clone() for m in masks]
     preds[1][:3, :3] = 12  # dog, predicted only
     maps = [torch.randn(len(CLASSES), size, size) for _ in range(n)]
-    predictions_figure(tmp_path / "p.png", images, masks, preds, maps, "test")
+    predictions_figure(tmp_path / "p.png", images, masks, preds, maps, "test", CLASSES, voc_palette())
     fig, = saved
     assert len(_colorbars(fig)) == 2  # one per drawn map: each image shows the map of its one object class
     assert _legend_texts(fig) == ["background", "car", "dog", "person"]

@@ -134,15 +134,24 @@ class _Tied(nn.Module):
 
 
 class UnrolledModel(_Tied):
-    """``unroll.compile(classifier)``: logits and every class's heatmap (input x gradient, or LRP-epsilon)."""
+    """``unroll.compile(classifier)``: logits and every class's heatmap (input x gradient, or LRP-epsilon).
+
+    ``gradient``: an ``unroll.reference.ReferenceGradient`` trains with the reference code's gradient instead
+    (LRP-epsilon relevance on live activations, its ties and unpooling; ``rule``, ``epsilon`` and ``bn_grad`` do
+    not apply then)."""
 
     def __init__(self, classifier: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6,
                  heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
                  classes_per_chunk: int | str | None = "auto", checkpoint: bool = False,
-                 background: str = "heatmap", frozen_bn: bool = False):
+                 background: str = "heatmap", frozen_bn: bool = False, gradient=None):
         super().__init__()
-        self.net = unroll.compile(classifier, rules=tied_rules(rule, epsilon, bn_grad),
-                                  classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
+        memory = {"classes_per_chunk": classes_per_chunk, "checkpoint": checkpoint}
+        if gradient is not None:
+            from unroll import reference
+
+            self.net = reference.compile(classifier, gradient, **memory)
+        else:
+            self.net = unroll.compile(classifier, rules=tied_rules(rule, epsilon, bn_grad), **memory)
         self._setup(heatmap_scale, init_scale, background, frozen_bn)
 
 
@@ -185,7 +194,8 @@ class UNetModel(nn.Module):
 def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float = 1e-6,
           heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
           perturbation: str = "none", seed: int = 0, classes_per_chunk: int | str | None = "auto",
-          checkpoint: bool = False, background: str = "heatmap", bn: str | None = None) -> nn.Module:
+          checkpoint: bool = False, background: str = "heatmap", bn: str | None = None,
+          gradient=None) -> nn.Module:
     """The model called `name` (see MODEL_NAMES) on `classifier` (used as is: pass a copy to keep the original).
 
     The classifier's logits must have `num_classes` outputs (background included) for the tied models, whose maps
@@ -193,6 +203,7 @@ def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float 
     `classes_per_chunk` and `checkpoint` bound the tied decoder's memory (see ``unroll.compile``; same results).
     Tied models only: `background` ("heatmap" or "constant", see _Tied) and `bn`, the BatchNorm handling in training
     ("grad": bn_grad=True, "const": bn_grad=False, "frozen": eval-mode BatchNorm; None: as `bn_grad` says).
+    `gradient` (an ``unroll.reference.ReferenceGradient``, "unrolled" only): train with the reference code's gradient.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")
@@ -216,9 +227,11 @@ def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float 
         if k is not None and k != num_classes:
             raise ValueError(f"{name} gives one heatmap per logit: the classifier has {k} outputs, "
                              f"the segmentation task {num_classes} classes")
+    if gradient is not None and name != "unrolled":
+        raise ValueError(f"gradient= (the reference code's training gradient) applies to 'unrolled', not {name!r}")
     if name == "unrolled":
         return UnrolledModel(classifier, "lrp0", heatmap_scale=heatmap_scale, init_scale=init_scale, bn_grad=bn_grad,
-                             **memory)
+                             gradient=gradient, **memory)
     if name == "unrolled-eps":
         return UnrolledModel(classifier, "epsilon", epsilon, heatmap_scale, init_scale, bn_grad, **memory)
     if name == "ws-ae":

@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import VOCDetection, VOCSegmentation
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from unroll.segmentation import sampling, transforms
@@ -275,6 +276,82 @@ def decode_mask(png: Image.Image) -> np.ndarray:
     return out
 
 
+RECIPES = ("ours", "reference")
+REFERENCE_SIZE = 256  # the reference code's crop_size
+
+
+class SquareCrop(v2.Transform):
+    """The largest square (side = the shorter side): at a random position (train) or centred (eval)."""
+
+    def __init__(self, random: bool):
+        super().__init__()
+        self.random = random
+
+    def make_params(self, flat_inputs):
+        h, w = v2.query_size(flat_inputs)
+        side = min(h, w)
+        if self.random:
+            top, left = (int(torch.randint(0, n - side + 1, ())) for n in (h, w))
+        else:
+            top, left = (h - side) // 2, (w - side) // 2
+        return {"top": top, "left": left, "side": side}
+
+    def transform(self, inpt, params):
+        return F.crop(inpt, params["top"], params["left"], params["side"], params["side"])
+
+
+def reference_scaling(image: torch.Tensor) -> torch.Tensor:
+    """The reference code's input: (x + 1) / 256 of the 0..255 values -- in (0, 1], never exactly 0, no mean/std."""
+    return (image * 255 + 1) / 256
+
+
+# reference_scaling as a per-channel (x - mean) / std of the 0-1 values, (x + 1/255) / (256/255): what figures
+# (denormalize) and a checkpoint's meta (bench.folder predict) need to undo / redo it
+REFERENCE_MEAN = (-1 / 255,) * 3
+REFERENCE_STD = (256 / 255,) * 3
+
+
+def recipe_normalisation(recipe: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the images a recipe gives, on the 0-1 scale."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    return (IMAGENET_MEAN, IMAGENET_STD) if recipe == "ours" else (REFERENCE_MEAN, REFERENCE_STD)
+
+
+def make_reference_transform(train: bool, size: int = REFERENCE_SIZE) -> v2.Compose:
+    """The reference code's transforms (albumentations there; torchvision v2 here). Train: a random square crop of
+    the shorter side resized to `size`, defocus blur (p 0.5), brightness/contrast (always), colour jitter (p 0.5),
+    horizontal flip, Gaussian noise (p 0.5). Eval: the centred square, resized to `size`. Then (x + 1) / 256.
+
+    Where torchvision has no equal: albumentations' Defocus (a disc kernel, radius 1-5) is approximated by a
+    Gaussian blur (sigma 0.5-2.5); its RandomBrightnessContrast (additive brightness +-0.2 of the range, contrast
+    +-0.2) by ColorJitter(brightness=0.2, contrast=0.2) (multiplicative); GaussNoise's variance 10-50 (of 0..255)
+    by a fixed sigma 0.02 of the range (between the sqrt(10)/255 and sqrt(50)/255 it draws from)."""
+    steps: list = [SquareCrop(random=train), v2.Resize((size, size), antialias=True)]
+    if train:
+        steps += [
+            v2.RandomApply([v2.GaussianBlur(kernel_size=11, sigma=(0.5, 2.5))], p=0.5),
+            v2.ColorJitter(brightness=0.2, contrast=0.2),
+            v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.2)], p=0.5),
+            v2.RandomHorizontalFlip(),
+        ]
+    steps.append(v2.ToDtype(torch.float32, scale=True))  # images only; masks keep their integer labels
+    if train:
+        steps.append(v2.RandomApply([v2.GaussianNoise(sigma=0.02, clip=True)], p=0.5))
+    steps.append(v2.Lambda(reference_scaling, tv_tensors.Image))
+    return v2.Compose(steps)
+
+
+def _transform(recipe: str, train: bool, image_size, scale) -> v2.Compose:
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "ours":
+        return make_transform(train, image_size, scale)
+    if not isinstance(image_size, int):
+        raise ValueError(f"recipe='reference' crops squares: image_size must be one int, got {image_size!r}")
+    return make_reference_transform(train, image_size)
+
+
 def _load_image(path: str | os.PathLike) -> tv_tensors.Image:
     with Image.open(path) as im:
         return tv_tensors.Image(F.pil_to_tensor(im.convert("RGB")))
@@ -291,10 +368,15 @@ class VOCPixelSet(Dataset):
 
     ``labels`` of an item are the classes present in its (augmented) mask plus background: after a crop they say
     what the crop shows, which keeps the image-level loss consistent with the pixel loss.
+
+    ``recipe="reference"``: the reference code's transforms (:func:`make_reference_transform`, ``image_size`` its
+    crop size in training *and* evaluation -- 256 in the reference; ``scale`` unused) and its masks, where void
+    (255) is background (0), in training and in evaluation.
     """
 
     def __init__(self, root, ids: Sequence[str] | None = None, image_set: str = "train", train: bool | None = None,
-                 image_size: int | tuple[int, int] = 320, scale=(0.5, 2.0), download: bool = False):
+                 image_size: int | tuple[int, int] = 320, scale=(0.5, 2.0), download: bool = False,
+                 recipe: str = "ours"):
         voc_dir = find_voc(root, download=download)
         base = VOCSegmentation(str(voc_dir.parent.parent), year="2012", image_set=image_set)
         by_id = {Path(img).stem: (img, mask) for img, mask in zip(base.images, base.masks)}
@@ -304,7 +386,8 @@ class VOCPixelSet(Dataset):
             raise KeyError(f"{len(missing)} ids are not in Segmentation/{image_set}.txt, e.g. {missing[:3]}")
         self.files = [by_id[i] for i in self.ids]
         self.train = image_set == "train" if train is None else train
-        self.transform = make_transform(self.train, image_size, scale)
+        self.recipe, self.image_size = recipe, image_size
+        self.transform = _transform(recipe, self.train, image_size, scale)
 
     def __len__(self):
         return len(self.ids)
@@ -314,6 +397,8 @@ class VOCPixelSet(Dataset):
         (random crops). Lets evaluation batch equal-size full images (unroll.segmentation.train.size_batches)."""
         if self.train:
             return None
+        if self.recipe == "reference":
+            return [(self.image_size, self.image_size)] * len(self.files)
         out = []
         for image_path, _ in self.files:
             with Image.open(image_path) as im:
@@ -324,6 +409,8 @@ class VOCPixelSet(Dataset):
         image_path, mask_path = self.files[index]
         image, mask = self.transform(_load_image(image_path), _load_mask(mask_path))
         mask = mask.as_subclass(torch.Tensor).long()
+        if self.recipe == "reference":
+            mask = torch.where(mask == IGNORE, 0, mask)  # the reference counts void as background
         present = torch.unique(mask)
         labels = torch.zeros(NUM_CLASSES)
         labels[present[present < NUM_CLASSES]] = 1
@@ -333,10 +420,12 @@ class VOCPixelSet(Dataset):
 
 
 class VOCImageLevelSet(Dataset):
-    """Images with image-level labels only (mask all 255). ``labels``: from :func:`image_labels`."""
+    """Images with image-level labels only (mask all 255). ``labels``: from :func:`image_labels`. ``recipe``: as
+    for VOCPixelSet."""
 
     def __init__(self, root, ids: Sequence[str], labels: Mapping[str, np.ndarray], train: bool = True,
-                 image_size: int | tuple[int, int] = 320, scale=(0.5, 2.0), download: bool = False):
+                 image_size: int | tuple[int, int] = 320, scale=(0.5, 2.0), download: bool = False,
+                 recipe: str = "ours"):
         self.voc_dir = find_voc(root, download=download)
         self.ids = list(ids)
         missing = [i for i in self.ids if i not in labels]
@@ -344,7 +433,7 @@ class VOCImageLevelSet(Dataset):
             raise KeyError(f"{len(missing)} ids have no image-level labels, e.g. {missing[:3]}")
         self.labels = {i: torch.as_tensor(np.asarray(labels[i]), dtype=torch.float32) for i in self.ids}
         self.train = train
-        self.transform = make_transform(train, image_size, scale)
+        self.transform = _transform(recipe, train, image_size, scale)
 
     def __len__(self):
         return len(self.ids)

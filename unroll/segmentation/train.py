@@ -23,7 +23,9 @@ Loss (the paper's): ``seg_weight * CE + cls_weight * BCE``. CE is the pixel-wise
 stacked maps (heatmaps or segmentation logits) of the pixel-labelled rows, 255 ignored, averaged over labelled pixels;
 BCE is the sigmoid cross-entropy of the logits against the image-level labels of every row, background column
 weighted 0, averaged over rows and object classes. A model without logits (U-Net, FCN) gets the CE term only; one
-without maps (the classifier) the BCE term only.
+without maps (the classifier) the BCE term only. ``cls_loss="reference"`` replaces the BCE term by the reference
+code's: ``F.multilabel_soft_margin_loss`` with background weight 0 (averaged over all K columns, background
+included) times ``batch_size`` -- with batch 10 and K = 21 that is 10 * 20/21 = 9.52 x the BCE term.
 
 Selection. Every ``eval_every`` steps (and at the last step) the model is evaluated on ``val_set``, a held-out part of
 the training data (never the test set), and the weights with the best ``cfg.select`` score ("miou" or "f1") are kept;
@@ -77,6 +79,7 @@ __all__ = [
 
 IGNORE = 255
 BALANCES = ("sum", "normalize", "separate")
+CLS_LOSSES = ("bce", "reference")
 CKPT_NAME = "ckpt.pt"
 _CKPT_FORMAT = "unroll-bench-train/1"
 
@@ -111,6 +114,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batch_size: int = 64
     select: str = "miou"  # "miou" or "f1" on val_set
+    cls_loss: str = "bce"  # "bce" (ours) or "reference" (multilabel soft margin x batch_size, see the module doc)
     seed: int = 0
     num_workers: int = 0  # DataLoader workers for the training batches
 
@@ -123,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
         if self.select not in ("miou", "f1"):
             raise ValueError(f"select must be 'miou' or 'f1', got {self.select!r}")
+        if self.cls_loss not in CLS_LOSSES:
+            raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {self.cls_loss!r}")
         self.betas = tuple(self.betas)
 
 
@@ -284,9 +290,13 @@ def loss_terms(out, batch: dict[str, Tensor], cfg: TrainConfig, background: int 
         labels = batch["labels"].to(logits.dtype)
         weight = torch.ones(labels.shape[1], dtype=logits.dtype, device=logits.device)
         weight[background] = cfg.background_weight
-        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        # averaged over rows and the weighted columns (the object classes, with the paper's background weight 0)
-        terms["cls"] = (bce * weight).sum() / (labels.shape[0] * weight.sum())
+        if cfg.cls_loss == "reference":
+            # the reference code's multilabel soft margin (mean over the weighted columns) times the batch size
+            terms["cls"] = F.multilabel_soft_margin_loss(logits, labels, weight=weight) * cfg.batch_size
+        else:
+            bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+            # averaged over rows and the weighted columns (the object classes, with the paper's background weight 0)
+            terms["cls"] = (bce * weight).sum() / (labels.shape[0] * weight.sum())
     if not terms:
         raise ValueError("nothing to train: the model gave neither maps for pixel rows nor logits (or weights are 0)")
     return terms
