@@ -152,7 +152,7 @@ def _value(n: fx.Node, st: Batchness):
     target = n.target if _hashed_in(n.target, LIKE | FACTORIES | NEW_FACTORIES | RESIZE) else None
     if target in LIKE:
         source = n.args[0] if n.args else n.kwargs.get("input")
-        return "batched" if source in st.batched else st.undecided.get(source, n if source in st.undecided else None)
+        return "batched" if source in st.batched else st.undecided.get(source)  # (None: a constant's shape)
     if target in FACTORIES or target in NEW_FACTORIES or (target in RESIZE and n.args[0] not in st.batched):
         skip = 0 if target in FACTORIES else 1  # new_ones(self, *size) / expand(self, *size) / reshape(x, shape)
         if target in RESIZE and n.args[0] in st.undecided:
