@@ -19,7 +19,9 @@ One thread, one model at a time: the whole timm census takes tens of minutes on 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import re
 import sys
 import time
@@ -36,7 +38,8 @@ from unroll.verify import autograd_heatmaps, relative_error
 
 K = 5
 TOLERANCE = 1e-10
-SIZES = (64, 96, 128, 224)  # tried in order until the model's own forward accepts the input
+# (H, W) tried in order until the model's own forward accepts the input; non-square first (catches swapped H/W)
+SIZES = ((64, 61), (64, 64), (96, 93), (96, 96), (128, 128), (224, 224))
 # name tags that are not the architecture (joined with the next part): tf_efficientnet, eca_nfnet, wide_resnet
 _PREFIXES = {"tf", "gluon", "legacy", "hf", "timm", "ig", "ssl", "swsl", "fb", "tv", "nf", "test", "eca", "gc", "dm",
              "ese", "wide", "tiny", "halo", "sam", "qwen", "gemma", "deepseek", "lambda", "inception", "mobilenet"}
@@ -50,6 +53,7 @@ class Outcome:
     detail: str  # the max relative error, or the refusal / error reason
     size: int | None = None
     seconds: float = 0.0
+    serves: str = ""  # the input shapes the compilation serves: "any", or its guard shape (* = any size)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -76,13 +80,24 @@ def refusal_reason(error: unroll.UnsupportedModelError) -> str:
     return found.group(1) if found else text.strip().splitlines()[0][:200]
 
 
-def check(model: nn.Module, output: Any = None, sizes=SIZES, channels: int = 3) -> tuple[str, str, int | None]:
-    """(verdict, detail, size) for one model: compiled and compared with autograd on a small float64 input."""
+def served(net: unroll.Unrolled) -> str:
+    shape = net.input_shape
+    return "any" if shape is None else "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+def check(model: nn.Module, output: Any = None, sizes=SIZES, channels: int = 3) -> tuple[str, str, int | None, str]:
+    """(verdict, detail, size, serves) for one model: compiled and compared with autograd on a small float64
+    input."""
     call = (lambda x: unroll.tracing.select_output(model(x), output)) if output is not None else model
+    try:  # a refusal needs no input: most non-piecewise-linear models are decided here, without running them
+        unroll.compile(model, output=output)
+    except unroll.UnsupportedModelError as e:
+        if not isinstance(e, unroll.tracing.NeedsExampleError):
+            return "refused", refusal_reason(e), None, ""
     x = None
     for size in sizes:  # the smallest input the architecture itself accepts
         torch.manual_seed(0)
-        candidate = torch.randn(2, channels, size, size - 3 if size > 64 else size, dtype=torch.double)
+        candidate = torch.randn(2, channels, *size, dtype=torch.double)
         try:
             with torch.no_grad():
                 call(candidate)
@@ -91,15 +106,15 @@ def check(model: nn.Module, output: Any = None, sizes=SIZES, channels: int = 3) 
         except Exception as e:  # noqa: BLE001 -- too small for this architecture: try the next size
             last = f"{type(e).__name__}: {e}"
     if x is None:
-        return "error", f"forward fails at sizes {sizes}: {last[:200]}", None
+        return "error", f"forward fails at sizes {sizes}: {last[:200]}", None, ""
     try:
         net = unroll.compile(model, output=output, example=x)
         heatmaps = net(x).heatmaps
     except unroll.UnsupportedModelError as e:
-        return "refused", refusal_reason(e), x.shape[-2]
+        return "refused", refusal_reason(e), x.shape[-2], ""
     reference = autograd_heatmaps(call, x)[0]
     error = relative_error(heatmaps, reference)
-    return ("exact" if error < TOLERANCE else "WRONG"), f"{error:.1e}", x.shape[-2]
+    return ("exact" if error < TOLERANCE else "WRONG"), f"{error:.1e}", x.shape[-2], served(net)
 
 
 # ---------------------------------------------------------------------------------------------------- timm
@@ -133,11 +148,15 @@ def timm_families() -> dict[str, list[str]]:
 
 
 def build_timm(name: str, device: str | None = None) -> nn.Module:
+    """Random weights, K classes; built for 64 px input where the architecture takes img_size (ViTs)."""
     import timm
 
     with warnings.catch_warnings(), torch.device(device or "cpu"):
         warnings.simplefilter("ignore")
-        return timm.create_model(name, pretrained=False, num_classes=K)
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=K, img_size=64)
+        except TypeError:  # no img_size argument: a size-agnostic CNN
+            return timm.create_model(name, pretrained=False, num_classes=K)
 
 
 def smallest(names: list[str]) -> str:
@@ -150,11 +169,27 @@ def smallest(names: list[str]) -> str:
     return min(names, key=lambda n: (count(n), n))
 
 
+def timm_representatives(families: dict[str, list[str]], cache: str | None = None) -> dict[str, str]:
+    """family -> its smallest member, from `cache` where it names this timm's families, else counted."""
+    import timm
+
+    if cache and os.path.exists(cache):
+        with open(cache) as f:
+            stored = json.load(f)
+        if stored.get("timm") == timm.__version__ and set(stored["families"]) == set(families):
+            return stored["families"]
+    chosen = {fam: smallest(names) for fam, names in sorted(families.items())}
+    if cache:
+        with open(cache, "w") as f:
+            json.dump({"timm": timm.__version__, "families": chosen}, f, indent=1)
+    return chosen
+
+
 def check_timm(name: str) -> tuple[str, str, int | None]:
     try:
         model = randomize_norms(build_timm(name))
     except Exception as e:  # noqa: BLE001
-        return "error", f"build: {type(e).__name__}: {str(e)[:200]}", None
+        return "error", f"build: {type(e).__name__}: {str(e)[:200]}", None, ""
     return check(model)
 
 
@@ -178,13 +213,25 @@ def transformers_models() -> dict[str, Callable[[], nn.Module]]:
         "BitForImageClassification": lambda: tf.BitForImageClassification(tf.BitConfig(
             embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2, **small)),
         "ConvNextForImageClassification": lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
-            hidden_sizes=[8, 16], depths=[1, 1], **small)),
+            hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, **small)),
         "MobileNetV1ForImageClassification": lambda: tf.MobileNetV1ForImageClassification(tf.MobileNetV1Config(
             depth_multiplier=0.25, **small)),
         "MobileNetV2ForImageClassification": lambda: tf.MobileNetV2ForImageClassification(tf.MobileNetV2Config(
             depth_multiplier=0.25, **small)),
         "EfficientNetForImageClassification": lambda: tf.EfficientNetForImageClassification(tf.EfficientNetConfig(
-            width_coefficient=0.1, depth_coefficient=0.1, **small)),
+            width_coefficient=1.0, depth_coefficient=1.0, image_size=64, hidden_dim=1280, **small)),
+        "ConvNextV2ForImageClassification": lambda: tf.ConvNextV2ForImageClassification(tf.ConvNextV2Config(
+            hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, **small)),
+        "HGNetV2ForImageClassification": lambda: tf.HGNetV2ForImageClassification(tf.HGNetV2Config(
+            embedding_size=16, depths=[1, 1], hidden_sizes=[16, 32], stem_channels=[3, 8, 16],
+            stage_in_channels=[16, 16], stage_mid_channels=[8, 16], stage_out_channels=[16, 32],
+            stage_num_blocks=[1, 1], stage_downsample=[False, True], stage_light_block=[False, True],
+            stage_kernel_size=[3, 5], stage_numb_of_layers=[2, 2], **small)),
+        "TextNetForImageClassification": lambda: tf.TextNetForImageClassification(tf.TextNetConfig(
+            stem_out_channels=8, hidden_sizes=[8, 8, 16], conv_layer_kernel_sizes=[[[3, 3]], [[3, 1], [1, 3]]],
+            conv_layer_strides=[[1], [2, 1]], image_size=64, num_labels=K)),
+        "TimmWrapperForImageClassification(resnet18)": lambda: tf.TimmWrapperForImageClassification(
+            tf.TimmWrapperConfig(architecture="resnet18", num_labels=K)),
     }
 
 
@@ -192,22 +239,23 @@ def check_transformers(build: Callable[[], nn.Module]) -> tuple[str, str, int | 
     try:
         model = randomize_norms(build())
     except Exception as e:  # noqa: BLE001
-        return "error", f"build: {type(e).__name__}: {str(e)[:200]}", None
+        return "error", f"build: {type(e).__name__}: {str(e)[:200]}", None, ""
     return check(model, output="logits")
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
-def run(rows: list[tuple[str, str, Callable[[], tuple]]], log=print) -> list[Outcome]:
+def run(rows: list[tuple[str, str, Callable[[], tuple]]], log=functools.partial(print, flush=True)) -> list[Outcome]:
     outcomes = []
     for family, model, job in rows:
         start = time.perf_counter()
         try:
-            verdict, detail, size = job()
+            verdict, detail, size, serves = job()
         except Exception as e:  # noqa: BLE001 -- a crash inside unroll is a finding, recorded, not fatal
-            verdict, detail, size = "error", f"{type(e).__name__}: {str(e)[:200]} | {traceback.format_exc(limit=-2)[-300:]}", None
-        outcome = Outcome(family, model, verdict, detail, size, round(time.perf_counter() - start, 1))
-        log(f"{family:24s} {model:40s} {verdict:8s} {detail[:150]}  ({outcome.seconds}s)")
+            where = traceback.format_exc(limit=-2)[-300:]
+            verdict, detail, size, serves = "error", f"{type(e).__name__}: {str(e)[:200]} | {where}", None, ""
+        outcome = Outcome(family, model, verdict, detail, size, round(time.perf_counter() - start, 1), serves)
+        log(f"{family:24s} {model:40s} {verdict:8s} {detail[:150]} {serves} ({outcome.seconds}s)")
         outcomes.append(outcome)
     return outcomes
 
@@ -224,6 +272,8 @@ def main(argv=None):
     parser.add_argument("library", choices=["timm", "transformers"])
     parser.add_argument("--families", help="comma-separated families (timm) or model names (transformers)")
     parser.add_argument("--json", help="write the outcomes here")
+    parser.add_argument("--representatives", help="timm: a JSON file caching family -> smallest member (read if "
+                        "it exists, written if not; counting every model's parameters takes minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.library == "timm":
@@ -232,10 +282,8 @@ def main(argv=None):
         unknown = [f for f in chosen if f not in families]
         if unknown:
             parser.error(f"--families: not timm families: {unknown}")
-        rows = []
-        for fam in chosen:
-            name = smallest(families[fam])
-            rows.append((fam, name, lambda name=name: check_timm(name)))
+        representatives = timm_representatives(families, args.representatives)
+        rows = [(fam, representatives[fam], lambda name=representatives[fam]: check_timm(name)) for fam in chosen]
     else:
         models = transformers_models()
         chosen = list(models) if not args.families else args.families.split(",")

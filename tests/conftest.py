@@ -55,6 +55,6 @@ except ImportError:  # hypothesis is a dev extra; only test_fuzz.py needs it
     pass
 else:
     _common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
-    settings.register_profile("fuzz-ci", max_examples=80, derandomize=True, database=None, **_common)
-    settings.register_profile("fuzz-long", max_examples=5000, **_common)
+    settings.register_profile("fuzz-ci", max_examples=100, derandomize=True, database=None, **_common)
+    settings.register_profile("fuzz-long", max_examples=int(os.environ.get("FUZZ_EXAMPLES", 5000)), **_common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fuzz-ci"))

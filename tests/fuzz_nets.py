@@ -25,14 +25,16 @@ from hypothesis import strategies as st
 
 from unroll import rules
 
-# Spellings behind known bugs (see the regression tests in test_fuzz.py): switched on once branch `rules` fixes them.
+# Spellings behind known bugs (see the regression tests in test_fuzz.py): switched on once branch `rules` fixed them
+# (all merged now). A batch-shaped input-independent operand still breaks `samples=` (test_fuzz skips that check
+# for such nets; test_batch_shaped_constant records it).
 ENABLED = {
-    "alpha": False,  # torch.add / torch.sub / .add / .sub with alpha != 1
-    "negative_part_index": False,  # x.chunk(2, 1)[-1]
-    "batch_constant": False,  # an input-independent operand with a batch dimension (w.expand(B, ...))
-    "repeated_index": False,  # x[:, [0, 0, 1]]
-    "last_dropout": False,  # nn.Dropout (or a max pool) producing the logits
-    "ellipsis_index": False,  # x[..., 1:3]: slice_back refuses at run time (found by this fuzzer)
+    "alpha": True,  # torch.add / torch.sub / .add / .sub with alpha != 1
+    "negative_part_index": True,  # x.chunk(2, 1)[-1]
+    "batch_constant": True,  # an input-independent operand with a batch dimension (w.expand(B, ...))
+    "repeated_index": True,  # x[:, [0, 0, 1]]
+    "last_dropout": True,  # nn.Dropout (or a max pool) producing the logits
+    "ellipsis_index": True,  # x[..., 1:3]: slice_back refuses at run time (found by this fuzzer)
 }
 
 
@@ -100,6 +102,9 @@ class Op:
     out: tuple  # output shape without the batch dim
     fresh: bool  # output may be modified in place (autograd does not save it, it is no view of the input)
     make: Callable[[], nn.Module] = field(repr=False, compare=False)
+    # output may be .view()ed: None = as the input (elementwise ops, convs keep a permuted layout); False after
+    # permutes, slices and other views; True after .contiguous() and linear layers
+    dense: bool | None = None
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.args.items())
@@ -201,6 +206,7 @@ class State:
     fresh: bool
     batch: int
     train: bool
+    dense: bool = True
 
     @property
     def rank(self):
@@ -233,14 +239,19 @@ def draw_conv(draw, s: State, same_shape=False) -> Op:
     k_arg, s_arg, d_arg = spell_tuple(draw, k), spell_tuple(draw, stride), spell_tuple(draw, dilation)
     bias = draw(st.booleans())
     spelling = draw(st.sampled_from(["module", "F", "F_kw"]))
+    mode = "zeros"
+    if spelling == "module" and padding == "int" and any(pads) and draw(st.booleans()):
+        modes = ["replicate"] + (["circular"] if all(p <= n for p, n in zip(pads, sp)) else []) + \
+            (["reflect"] if all(p < n for p, n in zip(pads, sp)) else [])
+        mode = draw(st.sampled_from(modes))
     args = dict(c_in=c_in, c_out=c_out, kernel=k_arg, stride=s_arg, padding=pad_arg, dilation=d_arg, groups=groups,
-                bias=bias)
+                bias=bias, **({"padding_mode": mode} if mode != "zeros" else {}))
     conv_f = (F.conv1d, F.conv2d)[nd - 1]
     fan_in = c_in // groups * numel(k)
 
     def make():
         if spelling == "module":
-            return (nn.Conv1d, nn.Conv2d)[nd - 1](c_in, c_out, k_arg, s_arg, pad_arg, d_arg, groups, bias)
+            return (nn.Conv1d, nn.Conv2d)[nd - 1](c_in, c_out, k_arg, s_arg, pad_arg, d_arg, groups, bias, mode)
         members = dict(weight=param(c_out, c_in // groups, *k, fan_in=fan_in))
         members["b"] = param(c_out) if bias else None
         if spelling == "F":
@@ -248,7 +259,7 @@ def draw_conv(draw, s: State, same_shape=False) -> Op:
         return Lambda(lambda m, x: conv_f(x, m.weight, bias=m.b, stride=s_arg, padding=pad_arg, dilation=d_arg,
                                           groups=groups), **members)
 
-    return Op("conv", spelling, args, (c_out, *out_sp), True, make)
+    return Op("conv", spelling + ("" if mode == "zeros" else f"_{mode}"), args, (c_out, *out_sp), True, make)
 
 
 def draw_linear(draw, s: State, same_shape=False, n_out=None) -> Op:
@@ -270,7 +281,7 @@ def draw_linear(draw, s: State, same_shape=False, n_out=None) -> Op:
         return Lambda(lambda mod, x: F.linear(x, weight=mod.weight, bias=mod.b), weight=w, b=b)
 
     return Op("linear", spelling, dict(n_in=n, n_out=m, bias=bias and spelling != "F_nobias"),
-              (*s.shape[:-1], m), True, make)
+              (*s.shape[:-1], m), True, make, dense=True)
 
 
 ACTIVATIONS = {
@@ -280,6 +291,8 @@ ACTIVATIONS = {
     "relu6": ["module", "module_inplace", "F", "F_inplace"],
     "hardtanh": ["module", "module_inplace", "F", "F_kw", "F_"],
 }
+if has_rule(torch.clamp, "clamp", "clamp_", "clamp_min", torch.clip):
+    ACTIVATIONS["clamp"] = ["method", "torch_kw", "clip", "clamp_min", "method_"]
 
 
 def draw_activation(draw, s: State, allow_inplace=None) -> Op:
@@ -303,6 +316,15 @@ def draw_activation(draw, s: State, allow_inplace=None) -> Op:
     elif family == "relu6":
         fns = {"module": lambda: nn.ReLU6(), "module_inplace": lambda: nn.ReLU6(inplace=True),
                "F": lambda: Lambda(lambda m, x: F.relu6(x)), "F_inplace": lambda: Lambda(lambda m, x: F.relu6(x, True))}
+    elif family == "clamp":
+        lo = draw(st.sampled_from([-1.0, -0.5, 0.0]))
+        hi = draw(st.sampled_from([0.5, 1.0, 2.0]))
+        args = dict(min=lo, max=hi)
+        fns = {"method": lambda: Lambda(lambda m, x: x.clamp(lo, hi)),
+               "torch_kw": lambda: Lambda(lambda m, x: torch.clamp(x, min=lo, max=hi)),
+               "clip": lambda: Lambda(lambda m, x: torch.clip(x, lo, hi)),
+               "clamp_min": lambda: Lambda(lambda m, x: x.clamp_min(lo)),
+               "method_": lambda: Lambda(lambda m, x: x.clamp_(lo, hi))}
     else:
         lo = draw(st.sampled_from([-1.0, -0.5, 0.0]))
         hi = draw(st.sampled_from([0.5, 1.0, 2.0]))
@@ -350,8 +372,8 @@ def draw_max_pool(draw, s: State) -> Op:
               (s.shape[0], *out), True, make)
 
 
-def draw_avg_pool(draw, s: State) -> Op:  # AvgPool2d only: unroll has no AvgPool1d rule
-    sp = s.shape[1:]
+def draw_avg_pool(draw, s: State) -> Op:
+    sp, nd = s.shape[1:], s.rank - 1
     k = [draw(st.integers(1, min(3, n))) for n in sp]
     stride = draw(st.none() | st.just([draw(st.integers(1, 3)) for _ in sp]))
     pads = [draw(st.integers(0, kk // 2)) for kk in k]
@@ -361,8 +383,14 @@ def draw_avg_pool(draw, s: State) -> Op:  # AvgPool2d only: unroll has no AvgPoo
     k_arg, p_arg = spell_tuple(draw, k), spell_tuple(draw, pads)
     s_arg = None if stride is None else spell_tuple(draw, stride)
     spelling = draw(st.sampled_from(["module", "F"]))
+    if nd == 1:
+        divisor = None  # avg_pool1d has no divisor_override
 
     def make():
+        if nd == 1:
+            if spelling == "module":
+                return nn.AvgPool1d(k_arg, s_arg, p_arg, ceil, count_pad)
+            return Lambda(lambda m, x: F.avg_pool1d(x, k_arg, s_arg, p_arg, ceil, count_pad))
         if spelling == "module":
             return nn.AvgPool2d(k_arg, s_arg, p_arg, ceil, count_pad, divisor)
         return Lambda(lambda m, x: F.avg_pool2d(x, k_arg, s_arg, p_arg, ceil, count_pad, divisor))
@@ -546,11 +574,15 @@ def draw_constant(draw, s: State, mul_only=False) -> Op:
         fn = {"sigmoid_mul": lambda m, x: x * torch.sigmoid(m.c), "exp_add": lambda m, x: x + m.c.exp() - 1,
               "buffer_mul": lambda m, x: x * (m.buf * 2 + 1)}[spelling]
     else:  # batch_shaped: an input-independent operand that has the batch dimension
-        spelling = draw(st.sampled_from(["expand_mul", "expand_add", "zeros_add"]))
-        shape_name, shape = "batch1_channel", shapes["batch1_channel"]
-        fn = {"expand_mul": lambda m, x: x * m.c.expand(x.shape[0], *m.c.shape[1:]),
-              "expand_add": lambda m, x: x + m.c.expand(x.shape[0], *m.c.shape[1:]),
-              "zeros_add": lambda m, x: x + (torch.zeros(x.shape[0], *m.c.shape[1:], dtype=x.dtype) + m.c)}[spelling]
+        spelling = draw(st.sampled_from(["expand_mul", "expand_add", "repeat_add", "rows_mul", "rows_add"]))
+        shape_name = draw(st.sampled_from(["batch1_channel", "batch1_full"]))
+        shape = (4, *shapes[shape_name][1:]) if spelling.startswith("rows") else shapes[shape_name]  # 4 >= batch
+        rest = shape[1:]
+        fn = {"expand_mul": lambda m, x: x * m.c.expand(x.shape[0], *rest),
+              "expand_add": lambda m, x: x + m.c.expand(x.shape[0], *rest),
+              "repeat_add": lambda m, x: x + m.c.repeat(x.shape[0], *[1] * len(rest)),
+              "rows_mul": lambda m, x: x * m.c[:x.shape[0]],  # a different operand per sample
+              "rows_add": lambda m, x: m.c[:x.shape[0]] + x}[spelling]
 
     def make():
         if shape is None:
@@ -582,7 +614,7 @@ def draw_dropout(draw, s: State) -> Op:
            "clone": lambda: Lambda(lambda m, x: x.clone()), "torch_clone": lambda: Lambda(lambda m, x: torch.clone(x))}
     fresh = True if spelling in ("clone", "torch_clone") else s.fresh  # the others return x itself (or a view)
     return Op("identity", spelling, dict(p=p) if spelling in ("module", "F_eval") else {}, s.shape, fresh,
-              fns[spelling])
+              fns[spelling], dense=True if spelling == "contiguous" else None)
 
 
 def chunk_sizes(n, chunks):
@@ -665,7 +697,7 @@ def draw_split(draw, s: State) -> Op:
     args = dict(how=how, dim=dim_arg, arg=k, parts=[index_of[i] for i in order], transforms=transforms,
                 combine=combine, **({"cat_dim": other} if other else {}))
     # not fresh: a part of a split is one of several views, which autograd forbids modifying in place
-    return Op("split", how, args, tuple(out), False, lambda: Lambda(fn))
+    return Op("split", how, args, tuple(out), False, lambda: Lambda(fn), dense=False)
 
 
 def draw_cat(draw, s: State) -> Op:
@@ -739,7 +771,8 @@ def draw_index(draw, s: State) -> Op:
         d = draw(st.integers(1, r + 1))
         index = (slice(None),) * d + (None,)
         out.insert(d - 1, 1)
-    return Op("index", kind, dict(index=index), tuple(out), fresh, lambda: Lambda(lambda m, x: x[index]))
+    return Op("index", kind, dict(index=index), tuple(out), fresh, lambda: Lambda(lambda m, x: x[index]),
+              dense=None if kind == "list" else False)
 
 
 def draw_reshape(draw, s: State) -> Op:
@@ -751,13 +784,13 @@ def draw_reshape(draw, s: State) -> Op:
         kinds.append("unflatten")
     if r >= 2:
         kinds += ["permute", "transpose"]
-        if len(divisors(s.shape[0])) > 2:
+        if len(divisors(s.shape[0])) > 2 and s.dense:
             kinds.append("shuffle")
     kind = draw(st.sampled_from(kinds))
     fresh = s.fresh
     if kind == "flatten":
         out = (numel(s.shape),)
-        spelling = draw(st.sampled_from(["method", "torch", "module", "view", "reshape", "view_neg"]))
+        spelling = draw(st.sampled_from(["method", "torch", "module", "reshape"] + (["view", "view_neg"] if s.dense else [])))
         fns = {"method": lambda m, x: x.flatten(1), "torch": lambda m, x: torch.flatten(x, 1),
                "module": None, "view": lambda m, x: x.view(x.shape[0], -1),
                "reshape": lambda m, x: x.reshape(x.size(0), -1), "view_neg": lambda m, x: x.view(-1, out[0])}
@@ -766,7 +799,7 @@ def draw_reshape(draw, s: State) -> Op:
     elif kind == "flatten_spatial":
         c = s.shape[0]
         out = (c, numel(s.shape[1:]))
-        spelling = draw(st.sampled_from(["method", "torch_kw", "module", "view"]))
+        spelling = draw(st.sampled_from(["method", "torch_kw", "module"] + (["view"] if s.dense else [])))
         fns = {"method": lambda m, x: x.flatten(2), "torch_kw": lambda m, x: torch.flatten(x, start_dim=2),
                "view": lambda m, x: x.view(x.shape[0], c, -1)}
         make = (lambda: nn.Flatten(2)) if spelling == "module" else (lambda: Lambda(fns[spelling]))
@@ -775,7 +808,7 @@ def draw_reshape(draw, s: State) -> Op:
         n = s.shape[-1]
         a = draw(st.sampled_from(divisors(n)[1:-1]))
         out = (*s.shape[:-1], a, n // a)
-        spelling = draw(st.sampled_from(["view", "reshape"]))
+        spelling = draw(st.sampled_from(["reshape"] + (["view"] if s.dense else [])))
         make = (lambda: Lambda(lambda m, x: x.view(x.shape[0], *out))) if spelling == "view" else \
             (lambda: Lambda(lambda m, x: x.reshape(-1, *out)))
         args = dict(to=out)
@@ -789,6 +822,7 @@ def draw_reshape(draw, s: State) -> Op:
         if draw(st.booleans()):
             inner = fn
             fn = lambda m, x: inner(m, x).contiguous()  # noqa: E731
+            spelling += "_contiguous"
         make = lambda: Lambda(fn)  # noqa: E731
         args = dict(dims=dims)
     elif kind == "transpose":
@@ -811,7 +845,10 @@ def draw_reshape(draw, s: State) -> Op:
                               .contiguous().view(x.shape[0], -1, *sp))
         args = dict(groups=g)
         fresh = True
-    return Op(kind, spelling, args, tuple(out), fresh, make)
+    dense = {"permute": False, "transpose": False, "shuffle": True}.get(kind)
+    if kind == "permute" and spelling.endswith("contiguous"):
+        dense = True
+    return Op(kind, spelling, args, tuple(out), fresh, make, dense=dense)
 
 
 def draw_head(draw, s: State, classes: int) -> list[Op]:
@@ -834,8 +871,14 @@ def draw_head(draw, s: State, classes: int) -> list[Op]:
         if len(shape) > 1:
             ops.append(flatten_op((numel(shape),)))
         ops.append(draw_linear(draw, State((numel(shape),), True, s.batch, s.train), n_out=classes))
-    tails = ["none", "activation", "constant", "index"] + (["dropout"] if ENABLED["last_dropout"] else [])
+    tails = ["none", "activation", "constant", "index"] + (["dropout", "max_pool"] if ENABLED["last_dropout"] else [])
     tail = draw(st.sampled_from(tails))
+    if tail == "max_pool" and ops[-1].kind != "linear":
+        tail = "dropout"
+    if tail == "max_pool":  # MaxPool1d on (B, 2K) (an unbatched 1-d signal to torch) gives the (B, K) logits
+        pre = ops[-1]
+        ops[-1] = draw_linear(draw, State((pre.args["n_in"],), True, s.batch, s.train), n_out=2 * classes)
+        ops.append(Op("max_pool", "module", dict(kernel=2), (classes,), True, lambda: nn.MaxPool1d(2)))
     logits = State((classes,), True, s.batch, s.train)
     if tail == "activation":
         ops.append(draw_activation(draw, logits, allow_inplace=False))
@@ -867,6 +910,154 @@ def flatten_op(out):
     return Op("flatten", "method", {}, out, True, lambda: Lambda(lambda m, x: x.flatten(1)))
 
 
+# ---------------------------------------------------------------------------------------------- ops added by `rules`
+
+
+def draw_interpolate(draw, s: State) -> Op:
+    nd, sp = s.rank - 1, s.shape[1:]
+    modes = ["nearest", "nearest-exact", "area"] + (["linear"] if nd == 1 else ["bilinear", "bicubic"])
+    mode = draw(st.sampled_from(modes))
+    align = draw(st.booleans()) if mode in ("linear", "bilinear", "bicubic") else None
+    by = draw(st.sampled_from(["size", "scale_factor"]))
+    budget = MAX_NUMEL // s.shape[0]
+    if by == "size":
+        size = [draw(st.integers(1, min(2 * n + 1, 12))) for n in sp]
+        arg, out = spell_tuple(draw, size), tuple(size)
+    else:
+        factor = draw(st.sampled_from([2.0, 0.5, 1.5, 3.0]))
+        out = tuple(int(math.floor(n * factor)) for n in sp)
+        arg = factor
+    if min(out) < 1 or numel(out) > budget:
+        out, by, arg = tuple(sp), "size", tuple(sp)
+    spelling = draw(st.sampled_from(["F", "module"]))
+    kw = {by: arg, "mode": mode, **({"align_corners": align} if align is not None else {})}
+
+    def make():
+        if spelling == "module":
+            return nn.Upsample(**kw)
+        return Lambda(lambda m, x: F.interpolate(x, **kw))
+
+    return Op("interpolate", f"{mode}_{spelling}", kw, (s.shape[0], *out), True, make)
+
+
+def draw_pad(draw, s: State) -> Op:
+    nd, sp = s.rank - 1, s.shape[1:]
+    mode = draw(st.sampled_from(["constant", "reflect", "replicate", "circular"]))
+    # F.pad may pad only the last dim of a 2-d map in constant mode; the other modes pad every spatial dim
+    padded = sp if nd == 1 or mode != "constant" else sp[-draw(st.integers(1, 2)):]
+    pads, out = [], list(s.shape)
+    for i, n in enumerate(reversed(padded)):  # F.pad lists the last dim first
+        hi_bound = {"constant": 3, "reflect": n - 1, "replicate": 3, "circular": n}[mode]
+        lo_bound = -(n - 1) // 2 if mode == "constant" else 0  # negative pads crop
+        a, b = draw(st.integers(lo_bound, hi_bound)), draw(st.integers(lo_bound, hi_bound))
+        pads += [a, b]
+        out[len(out) - 1 - i] = n + a + b
+    value = draw(st.sampled_from([0.0, 0.5])) if mode == "constant" else None
+    spellings = ["F", "F_kw"] + (["module"] if len(pads) == 2 * nd and min(pads) >= 0 else [])
+    spelling = draw(st.sampled_from(spellings))
+    modules = {"constant": (nn.ConstantPad1d, nn.ConstantPad2d), "reflect": (nn.ReflectionPad1d, nn.ReflectionPad2d),
+               "replicate": (nn.ReplicationPad1d, nn.ReplicationPad2d),
+               "circular": (nn.CircularPad1d, nn.CircularPad2d)}
+    pads = tuple(pads)
+
+    def make():
+        if spelling == "module":
+            cls = modules[mode][nd - 1]
+            return cls(pads, value) if mode == "constant" else cls(pads)
+        if spelling == "F":
+            return Lambda(lambda m, x: F.pad(x, pads, mode, value) if mode == "constant" else F.pad(x, pads, mode))
+        return Lambda(lambda m, x: F.pad(x, pad=pads, mode=mode, **({"value": value} if mode == "constant" else {})))
+
+    if min(out) < 1 or numel(out) > MAX_NUMEL:
+        return draw_dropout(draw, s)
+    return Op("pad", f"{mode}_{spelling}", dict(pad=pads, value=value), tuple(out), True, make)
+
+
+def draw_repeat(draw, s: State) -> Op:
+    r = s.rank
+    reps = [draw(st.integers(1, 2)) for _ in range(r)]
+    while numel(s.shape) * math.prod(reps) > MAX_NUMEL:
+        reps[reps.index(max(reps))] = 1
+    spelling = draw(st.sampled_from(["repeat", "repeat_tuple", "tile", "torch_tile"]
+                                    + (["expand"] if 1 in s.shape else [])))
+    out = tuple(n * k for n, k in zip(s.shape, reps))
+    fresh = True
+    if spelling == "expand":  # a view: size-1 dims grow
+        sizes = [draw(st.sampled_from([-1, 2])) if n == 1 else draw(st.sampled_from([-1, n])) for n in s.shape]
+        out = tuple(2 if n == 1 and k == 2 else n for n, k in zip(s.shape, sizes))
+        make, args, fresh = (lambda: Lambda(lambda m, x: x.expand(x.shape[0], *sizes))), dict(sizes=sizes), False
+        return Op("repeat", spelling, args, out, fresh, make, dense=False)
+    else:
+        fn = {"repeat": lambda m, x: x.repeat(1, *reps), "repeat_tuple": lambda m, x: x.repeat((1, *reps)),
+              "tile": lambda m, x: x.tile((1, *reps)), "torch_tile": lambda m, x: torch.tile(x, (1, *reps))}[spelling]
+        make, args = (lambda: Lambda(fn)), dict(reps=reps)
+    return Op("repeat", spelling, args, out, fresh, make)
+
+
+def draw_sum(draw, s: State) -> Op:
+    op = draw_mean(draw, s)
+    dim, keepdim = op.args["dim"], op.args["keepdim"]
+    spelling = draw(st.sampled_from(["method", "torch", "torch_kw"]))
+    fn = {"method": lambda m, x: x.sum(dim, keepdim=keepdim), "torch": lambda m, x: torch.sum(x, dim, keepdim),
+          "torch_kw": lambda m, x: torch.sum(x, dim=dim, keepdim=keepdim)}[spelling]
+    return Op("sum", spelling, op.args, op.out, True, lambda: Lambda(fn))
+
+
+def draw_stack(draw, s: State) -> Op:
+    r = s.rank
+    d = draw(st.integers(1, r + 1))
+    dim_arg = draw(st.sampled_from([d, d - r - 2]))
+    out = list(s.shape)
+    out.insert(d - 1, 2)
+    spelling = draw(st.sampled_from(["self", "relu"]))
+    fn = (lambda m, x: torch.stack([x, x], dim_arg)) if spelling == "self" else \
+        (lambda m, x: torch.stack((F.relu(x), x), dim=dim_arg))
+    return Op("stack", spelling, dict(dim=dim_arg), tuple(out), True, lambda: Lambda(fn))
+
+
+def draw_move(draw, s: State) -> Op:
+    """flip / roll / narrow / movedim / swapaxes / unsqueeze / squeeze."""
+    r = s.rank
+    kinds = ["flip", "roll", "narrow"] + (["movedim", "swapaxes"] if r >= 2 else []) + \
+        (["unsqueeze"] if r <= 2 else []) + (["squeeze"] if 1 in s.shape and r >= 2 else [])
+    kind = draw(st.sampled_from(kinds))
+    d = draw(st.integers(1, r))
+    dim = neg_dim(draw, d, r)
+    out, fresh = list(s.shape), s.fresh
+    if kind == "flip":
+        fn, args, fresh = (lambda m, x: x.flip(dim)) if draw(st.booleans()) else \
+            (lambda m, x: torch.flip(x, (dim,))), dict(dim=dim), True
+    elif kind == "roll":
+        shift = draw(st.integers(-3, 3))
+        fn, args, fresh = (lambda m, x: torch.roll(x, shift, dim)), dict(shift=shift, dim=dim), True
+    elif kind == "narrow":
+        n = s.shape[d - 1]
+        start = draw(st.integers(0, n - 1))
+        length = draw(st.integers(1, n - start))
+        fn, args = (lambda m, x: x.narrow(dim, start, length)), dict(dim=dim, start=start, length=length)
+        out[d - 1] = length
+    elif kind in ("movedim", "swapaxes"):
+        e = draw(st.sampled_from([i for i in range(1, r + 1) if i != d]))
+        if kind == "movedim":
+            fn = (lambda m, x: x.movedim(dim, e)) if draw(st.booleans()) else (lambda m, x: torch.movedim(x, dim, e))
+            moved = out.pop(d - 1)
+            out.insert(e - 1, moved)
+        else:
+            fn = lambda m, x: x.swapaxes(dim, e)  # noqa: E731
+            out[d - 1], out[e - 1] = out[e - 1], out[d - 1]
+        args = dict(dims=(dim, e))
+    elif kind == "unsqueeze":
+        d = draw(st.integers(1, r + 1))
+        fn, args = (lambda m, x: x.unsqueeze(d)), dict(dim=d)
+        out.insert(d - 1, 1)
+    else:
+        d = draw(st.sampled_from([i + 1 for i, n in enumerate(s.shape) if n == 1]))
+        fn, args = (lambda m, x: x.squeeze(d)), dict(dim=d)
+        del out[d - 1]
+    return Op(kind, "method", args, tuple(out), fresh, lambda: Lambda(fn),
+              dense=False if kind in ("narrow", "movedim", "swapaxes", "squeeze", "unsqueeze") else None)
+
+
 # ---------------------------------------------------------------------------------------------- the net strategy
 
 
@@ -883,7 +1074,7 @@ DRAWERS: dict[str, tuple[Callable, Callable[[State], bool]]] = {
     "conv": (draw_conv, _spatial),
     "batch_norm": (draw_batch_norm, lambda s: s.rank <= 3 and (not s.train or s.batch * numel(s.shape[1:]) >= 2)),
     "max_pool": (draw_max_pool, _spatial),
-    "avg_pool": (draw_avg_pool, lambda s: s.rank == 3),
+    "avg_pool": (draw_avg_pool, lambda s: s.rank == 3 or s.rank == 2 and has_rule(nn.AvgPool1d)),
     "adaptive_pool": (draw_adaptive_pool, _spatial),
     "mean": (draw_mean, lambda s: s.rank >= 2),
     "residual": (draw_residual, lambda s: True),
@@ -893,6 +1084,18 @@ DRAWERS: dict[str, tuple[Callable, Callable[[State], bool]]] = {
     "index": (draw_index, lambda s: True),
     "reshape": (draw_reshape, lambda s: True),
 }
+if has_rule(F.interpolate, nn.Upsample):
+    DRAWERS["interpolate"] = (draw_interpolate, _spatial)
+if has_rule(F.pad, nn.ConstantPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.CircularPad2d):
+    DRAWERS["pad"] = (draw_pad, _spatial)
+if has_rule("repeat", "tile", torch.tile, "expand"):
+    DRAWERS["repeat"] = (draw_repeat, lambda s: True)
+if has_rule("sum", torch.sum):
+    DRAWERS["sum"] = (draw_sum, lambda s: s.rank >= 2)
+if has_rule(torch.stack):
+    DRAWERS["stack"] = (draw_stack, lambda s: s.rank <= 2 and 2 * numel(s.shape) <= MAX_NUMEL)
+if has_rule("flip", torch.flip, torch.roll, "narrow", "movedim", torch.movedim, "swapaxes", "unsqueeze", "squeeze"):
+    DRAWERS["move"] = (draw_move, lambda s: True)
 
 
 def op_kinds(s: State):
@@ -916,7 +1119,7 @@ def nets(draw, max_ops: int = 6) -> NetSpec:
         if numel(op.out) > MAX_NUMEL or len(op.out) > 3 or min(op.out) < 1:
             continue  # too big (or a generator bug, caught by test_generated_shapes): skip this op
         ops.append(op)
-        s = State(op.out, op.fresh, batch, train)
+        s = State(op.out, op.fresh, batch, train, s.dense if op.dense is None else op.dense)
     ops += draw_head(draw, s, classes)
     return NetSpec(batch, (c, *sizes), classes, train, seed, ops)
 

@@ -6,9 +6,10 @@ heatmap loss (decoder backprop vs autograd double backprop). BatchNorm on batch 
 running stats) is compared with autograd through a BN whose batch statistics are detached, the gradient unroll
 documents (README, "Semantics worth knowing").
 
-Profiles (registered in tests/conftest.py): the default run uses `fuzz-ci` (derandomised: the same examples every
-run, no example database); `HYPOTHESIS_PROFILE=fuzz-long python -m pytest tests/test_fuzz.py -m fuzz` draws fresh
-examples for a long run (add --hypothesis-show-statistics for op coverage). A failure prints the shrunk NetSpec
+Profiles (registered in tests/conftest.py): the default run uses `fuzz-ci` (100 derandomised examples: the same
+every run, no example database; ~12 s on one thread); `HYPOTHESIS_PROFILE=fuzz-long python -m pytest
+tests/test_fuzz.py -m fuzz` draws fresh examples for a long run (FUZZ_EXAMPLES=N, default 5000, about 20 per second
+on one thread; add --hypothesis-show-statistics for op coverage). A failure prints the shrunk NetSpec
 and the emitted decoder; each one found becomes a named test in the regressions section below.
 """
 import pytest
@@ -16,19 +17,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import event, given, note
+from hypothesis.control import currently_in_test_context
 
 import unroll
 
-from fuzz_nets import BatchNormOp, NetSpec, State, nets, numel, op_names
+from fuzz_nets import BatchNormOp, Lambda, NetSpec, nets, op_names
 
 pytestmark = pytest.mark.fuzz
 
 TOL_MAPS = 1e-10  # heatmaps and input gradients, relative to their largest value
 TOL_LOGITS = 1e-12
 TOL_PARAMS = 1e-9  # parameter gradients of the heatmap loss, per parameter
-# Where the reference is structurally zero (a mean subtracted, then averaged) both sides hold round-off (~1e-17):
-# errors are relative to at least FLOOR, so such nets pass with absolute errors below tol * FLOOR.
-FLOOR = 1e-6
+# Where the reference is structurally zero (a mean subtracted, then averaged; x - 3 * (x / 3)) both sides hold
+# round-off, amplified by later layers (a BN scale of 200 gave 3e-15): errors are relative to at least FLOOR, so
+# such nets pass with absolute errors below tol * FLOOR (1e-14 for maps). Real maps here are O(0.1 .. 10).
+FLOOR = 1e-4
 
 
 def error(ours: torch.Tensor, ref: torch.Tensor, floor: float = FLOOR) -> float:
@@ -53,10 +56,11 @@ def reference_gradients(model: nn.Module, x: torch.Tensor, create_graph: bool):
     return torch.stack(grads, 1)
 
 
-def check_equivalence(model: nn.Module, x: torch.Tensor, seed: int = 0):
+def check_equivalence(model: nn.Module, x: torch.Tensor, seed: int = 0, check_samples: bool = True):
     """Every number unroll computes for `model` at `x` equals autograd's (float64)."""
     net = unroll.compile(model)
-    note(f"decoder:\n{net.decoder.code}")
+    if currently_in_test_context():  # (the regression tests call this outside hypothesis)
+        note(f"decoder:\n{net.decoder.code}")
     out = net(x)
     with torch.no_grad():
         logits = model(x)
@@ -65,7 +69,7 @@ def check_equivalence(model: nn.Module, x: torch.Tensor, seed: int = 0):
 
     ref_grads = reference_gradients(model, x, create_graph=True)
     ref_heat = (ref_grads * x.unsqueeze(1)).sum(2)
-    if ref_heat.abs().max() == 0:
+    if ref_heat.abs().max() == 0 and currently_in_test_context():
         event("all heatmaps zero")
     assert out.heatmaps.shape == ref_heat.shape
     assert (e := error(out.heatmaps, ref_heat)) < TOL_MAPS, f"heatmaps differ from autograd ({e:.2e})"
@@ -78,7 +82,11 @@ def check_equivalence(model: nn.Module, x: torch.Tensor, seed: int = 0):
     classes, samples = list(range(K))[::-1], torch.arange(B)[::2]
     net.classes_per_chunk = 1
     with torch.no_grad():
-        some = net(x, classes=classes, samples=samples).heatmaps
+        some = net(x, classes=classes).heatmaps if not check_samples else \
+            net(x, classes=classes, samples=samples).heatmaps
+    if not check_samples:
+        samples = slice(None)
+    assert some.shape == out.heatmaps[samples][:, classes].shape
     assert (e := error(some, out.heatmaps[samples][:, classes])) < TOL_MAPS, f"classes=/samples= differ ({e:.2e})"
 
     # training: parameter gradients of a heatmap loss, decoder backprop vs autograd double backprop
@@ -107,10 +115,87 @@ def check_shapes(spec: NetSpec):
             assert tuple(x.shape) == (spec.batch, *op.out), f"generator bug at {op!r}: got {tuple(x.shape)}"
 
 
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 @given(spec=nets())
 def test_random_nets_equal_autograd(spec):
     for name in op_names(spec):
         event(name)
     event(f"{len(spec.ops)} ops, {'train' if spec.train else 'eval'}")
     check_shapes(spec)
-    check_equivalence(spec.build(), spec.input(), spec.seed)
+    # samples= with a batch-shaped input-independent operand is a known bug (test_batch_shaped_constant)
+    batch_operand = any(op.kind == "const_batch_shaped" for op in spec.ops)
+    check_equivalence(spec.build(), spec.input(), spec.seed, check_samples=not batch_operand)
+
+
+# ---------------------------------------------------------------------------------------------- regressions
+# One minimal model per bug the fuzzer (or the issue) found. Each was checked to fail on the code it was found on.
+
+K = 3
+
+
+class Classifier(nn.Module):
+    """conv -> relu -> body(op under test) -> spatial mean -> linear, or the body on the logits (`last`)."""
+
+    def __init__(self, body, c_body=4, last=False, **members):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.body, self.last = body, last
+        self.fc = nn.Linear(4 if last else c_body, 2 * K if last else K)
+        for name, value in members.items():
+            setattr(self, name, value)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        if self.last:
+            return self.body(self, self.fc(y.mean((2, 3))))
+        return self.fc(self.body(self, y).mean((2, 3)))
+
+
+def regression(body, batch=2, **kwargs):
+    torch.manual_seed(0)
+    model = Classifier(body, **kwargs).double().eval()
+    check_equivalence(model, torch.randn(batch, 3, 5, 4, dtype=torch.double))
+
+
+def known_bug(reason):
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+def test_negative_part_index():
+    regression(lambda m, y: y.chunk(2, 1)[-1], c_body=2)
+
+
+def test_split_part_by_positive_and_negative_index():
+    regression(lambda m, y: torch.split(y, 2, 1)[0] + F.relu(torch.split(y, 2, 1)[-2]), c_body=2)
+
+
+@pytest.mark.parametrize("combine", [
+    lambda y: torch.add(y, F.relu(y - 0.1), alpha=2), lambda y: torch.sub(y, y[:, 1:2], alpha=0.5),
+    lambda y: y.add(y * 3, alpha=-0.5), lambda y: y.sub(F.relu(y), alpha=3),
+], ids=["torch.add", "torch.sub", "Tensor.add", "Tensor.sub"])
+def test_alpha(combine):
+    regression(lambda m, y: combine(y))
+
+
+@known_bug("samples= with an input-independent operand that has the batch dim (w[:B], w[:1].expand(B, ...)): it is "
+           "saved unbatched, so not subset: a shape error, or silently wrong rows (fixed on rules: heatmaps)")
+@pytest.mark.parametrize("batch", [3, 2], ids=["B=K", "B!=K"])
+@pytest.mark.parametrize("operand", [lambda m, y: m.w[:y.shape[0]], lambda m, y: m.w[:1].expand(y.shape[0], -1, -1, -1)],
+                         ids=["rows", "expand"])
+def test_batch_shaped_constant(batch, operand):
+    """B=K with rows differing per sample was silently wrong; the other cases failed in the decoder."""
+    regression(lambda m, y: y * operand(m, y), batch=batch, w=nn.Parameter(torch.rand(4, 4, 1, 1) + 0.5))
+
+
+def test_repeated_advanced_index():
+    regression(lambda m, y: y[:, [0, 0, 1]], c_body=3)
+
+
+@pytest.mark.parametrize("last", [nn.Dropout(0.3), nn.MaxPool1d(2), lambda y: F.dropout(y, 0.3, False)],
+                         ids=["Dropout", "MaxPool1d", "F.dropout"])
+def test_last_op_rewritten(last):
+    regression(lambda m, y: m.tail(y), last=True, tail=last if isinstance(last, nn.Module) else Lambda(lambda m, y: last(y)))
+
+
+def test_ellipsis_index():
+    regression(lambda m, y: y[..., 1:3])

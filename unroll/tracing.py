@@ -60,6 +60,10 @@ class InputShapeError(ValueError):
     """An input of a shape the specialised compilation does not serve."""
 
 
+class NeedsExampleError(UnsupportedModelError):
+    """forward() takes Python decisions from shapes: compile(model, example=...) traces it for one shape."""
+
+
 def _user_frame(skip_files=(__file__,)) -> str:
     """file:line `code` of the innermost frame outside torch and this module: the model's own source line."""
     for frame in reversed(traceback.extract_stack()):
@@ -140,16 +144,16 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        node = proxy.node
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        # every node, also the get_attr nodes fx creates for buffers and constants without a proxy
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if node.meta.get("stack_trace"):
             node.meta["stack_trace"] = _without_own_frames(node.meta["stack_trace"])
         if kind == "placeholder" and self._input is None:
             self._input = node
-        if self.example is not None:
+        if self.example is not None and kind != "output":
             self.values[node] = self._evaluate(node)
-        return proxy
+        return node
 
     def _evaluate(self, node: fx.Node) -> Any:
         """The node's value on the example, computed from its inputs' values -- with tracing off meanwhile, so
@@ -327,7 +331,7 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, output: Any = N
         return _trace(model, None, output)
     except _NeedsExample as need:
         if example is None:
-            raise UnsupportedModelError(
+            raise NeedsExampleError(
                 f"{type(model).__name__}.forward() takes a Python decision ({need.what}) from a tensor's shape at\n"
                 f"  {need.where}\n"
                 "A symbolic trace serves every input size and cannot take it. Pass an example input, "

@@ -13,7 +13,7 @@ Models (maps; logits; loss):
 - ``classifier``: no maps; the classifier's logits; BCE on image-level labels (step 1 of the experiments);
   ``perturbation=`` trains it on noisy inputs ("model-pert").
 - ``unrolled``: input x gradient heatmaps of every class (``unroll.compile``); the classifier's logits; CE + BCE.
-- ``unrolled-eps``: LRP-epsilon heatmaps (``unroll.compile(rule="epsilon")``); the classifier's logits; CE + BCE.
+- ``unrolled-eps``: LRP-epsilon heatmaps (``unroll.rulesets.epsilon(eps)``); the classifier's logits; CE + BCE.
 - ``ws-ae``: the tied decoder with ReLUs on its own signal in place of the gates (zoo.WSAE); logits; CE + BCE.
 - ``mt-unet``: a free U-Net decoder on the classifier's stages (zoo.MultiTaskUNet); the classifier's logits; CE + BCE.
 - ``unet``: the same U-Net decoder (zoo.UNet); no logits; CE only.
