@@ -26,8 +26,7 @@ from hypothesis import strategies as st
 from unroll import rules
 
 # Spellings behind known bugs (see the regression tests in test_fuzz.py): switched on once branch `rules` fixed them
-# (all merged now). A batch-shaped input-independent operand still breaks `samples=` (test_fuzz skips that check
-# for such nets; test_batch_shaped_constant records it).
+# (all merged now); the batch-shaped input-independent operand's `samples=` by branch `rules2`.
 ENABLED = {
     "alpha": True,  # torch.add / torch.sub / .add / .sub with alpha != 1
     "negative_part_index": True,  # x.chunk(2, 1)[-1]

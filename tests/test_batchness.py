@@ -37,11 +37,14 @@ BUILT = {
     "where(ones_like mask)": lambda s, y: torch.where(ramp(torch.ones_like(y)) % 2 > 0.5, y, 0.0),
     "constant.expand(size(0))": lambda s, y: y * ramp(s.w.expand(y.size(0), -1, -1, -1)),
     "constant.view(size(0))": lambda s, y: y * ramp(s.w.view(1, C, 1, 1).expand(y.shape[0], C, 1, 1)),
+    "table[:size(0)]": lambda s, y: y * s.table[:y.size(0)],  # a different row per sample
+    "table[0:shape[0], :]": lambda s, y: s.table[0:y.shape[0], :] / 2.0 * y,
 }
 
 
 def built_model(name):
-    return body_model(BUILT[name], w=nn.Parameter(torch.rand(1, C, 1, 1, dtype=torch.double) + 0.5))
+    return body_model(BUILT[name], w=nn.Parameter(torch.rand(1, C, 1, 1, dtype=torch.double) + 0.5),
+                      table=nn.Parameter(torch.rand(8, C, 1, 1, dtype=torch.double) + 0.5))
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 5])  # K = 3: B == K, B != K
@@ -85,7 +88,7 @@ def test_random_per_sample_mask_follows_the_sample():
 @pytest.mark.parametrize("fn, culprit", [
     (lambda s, y: y * torch.ones((y.shape[-4], C, 1, 1)), "ones"),  # a negative index: the batch dim or not
     (lambda s, y: y * torch.ones((y.size(0) * 1, C, 1, 1)), "ones"),  # arithmetic on the batch size
-    (lambda s, y: y * s.table[:y.size(0)], "getitem"),  # a tensor op reading the batch size
+    (lambda s, y: y * s.table[1:y.size(0) + 1], "getitem"),  # rows 1 .. B: a tensor op on arithmetic
     (lambda s, y: y * s.w.repeat(y.size(0), 1, 1, 1), "repeat"),  # repeat: B rows only if w has one
 ], ids=["negative_index", "arithmetic", "slice_of_a_table", "repeat"])
 def test_undecidable_batchness_is_refused_naming_the_node(fn, culprit):

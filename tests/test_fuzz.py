@@ -122,9 +122,7 @@ def test_random_nets_equal_autograd(spec):
         event(name)
     event(f"{len(spec.ops)} ops, {'train' if spec.train else 'eval'}")
     check_shapes(spec)
-    # samples= with a batch-shaped input-independent operand is a known bug (test_batch_shaped_constant)
-    batch_operand = any(op.kind == "const_batch_shaped" for op in spec.ops)
-    check_equivalence(spec.build(), spec.input(), spec.seed, check_samples=not batch_operand)
+    check_equivalence(spec.build(), spec.input(), spec.seed)
 
 
 # ---------------------------------------------------------------------------------------------- regressions
@@ -177,13 +175,13 @@ def test_alpha(combine):
     regression(lambda m, y: combine(y))
 
 
-@known_bug("samples= with an input-independent operand that has the batch dim (w[:B], w[:1].expand(B, ...)): it is "
-           "saved unbatched, so not subset: a shape error, or silently wrong rows (fixed on rules: heatmaps)")
 @pytest.mark.parametrize("batch", [3, 2], ids=["B=K", "B!=K"])
 @pytest.mark.parametrize("operand", [lambda m, y: m.w[:y.shape[0]], lambda m, y: m.w[:1].expand(y.shape[0], -1, -1, -1)],
                          ids=["rows", "expand"])
 def test_batch_shaped_constant(batch, operand):
-    """B=K with rows differing per sample was silently wrong; the other cases failed in the decoder."""
+    """An input-independent operand with the batch dim (w[:B], w[:1].expand(B, ...)) was saved unbatched, so not
+    subset by samples=: B=K with rows differing per sample was silently wrong, the other cases failed in the
+    decoder (fixed on rules2: unroll.batchness)."""
     regression(lambda m, y: y * operand(m, y), batch=batch, w=nn.Parameter(torch.rand(4, 4, 1, 1) + 0.5))
 
 

@@ -4,15 +4,15 @@ values and through shapes.
 A value is batched if it is computed from the input's values (a mask `y > 0.1`, through non-differentiable ops
 too), or built with the batch size as its first dim: a factory whose size starts with the batch size of a batched
 value (`torch.ones((x.size(0), C, 1, 1))`, `torch.zeros(x.shape)`, `x.new_ones((x.shape[0],) + (1,) * 3)`), a
-`*_like` of a batched value, a constant expanded or reshaped to such a size (`self.w.expand(x.size(0), -1)`);
-and whatever is computed from batched values. Shape queries (`x.shape`, `x.size(0)`) are never batched
-themselves: they carry the batch size as a number.
+`*_like` of a batched value, a constant expanded or reshaped to such a size (`self.w.expand(x.size(0), -1)`), the
+first rows of a constant (`self.table[:x.size(0)]`); and whatever is computed from batched values. Shape queries
+(`x.shape`, `x.size(0)`) are never batched themselves: they carry the batch size as a number.
 
 Where the batch size reaches a value some other way -- a negative shape index, arithmetic on it, a factory with
-it in a later dim, an op that is not one of the above -- nobody can tell from the graph whether the value's first
-dim is the batch: the value is *undecided*, with the node that made it so. Only a rule that needs to know (an
-operand meeting the cotangent) refuses it; a value the decoder never reads (timm's class token expanded to the
-batch size and concatenated) costs nothing.
+it in a later dim, an op that is not one of the above (`w.repeat(x.size(0), 1)`) -- nobody can tell from the graph
+whether the value's first dim is the batch: the value is *undecided*, with the node that made it so. Only a rule
+that needs to know (an operand meeting the cotangent) refuses it; a value the decoder never reads (timm's class
+token expanded to the batch size and concatenated) costs nothing.
 """
 from __future__ import annotations
 
@@ -168,6 +168,8 @@ def _value(n: fx.Node, st: Batchness):
         return "batched" if leading == "batched" else n if leading == UNKNOWN else None
     if any(a in st.batched for a in inputs):
         return "batched"  # computed from the input's values (or from a batched value)
+    if n.target is operator.getitem and n.op == "call_function" and _first_rows(n, st):
+        return "batched"
     undecided = [st.undecided[a] for a in inputs if a in st.undecided]
     if undecided:
         return undecided[0]
@@ -177,6 +179,17 @@ def _value(n: fx.Node, st: Batchness):
             return _shape_arithmetic(n, st)
         return n  # (a tensor op: `self.table[:x.size(0)]` has the batch dim or not, nobody can tell)
     return None
+
+
+def _first_rows(n: fx.Node, st: Batchness) -> bool:
+    """`table[:x.size(0)]` (also `table[0:B, ...]`): the first B rows of a constant, one per sample (a table with
+    fewer rows fails in the forward, or has one row and broadcasts)."""
+    table, index = n.args
+    if not isinstance(table, fx.Node) or table in st.numbers or table in st.sizes:
+        return False
+    first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
+    return (isinstance(first, slice) and first.start in (None, 0) and first.step in (None, 1)
+            and isinstance(first.stop, fx.Node) and st.sizes.get(first.stop) == B and not _status(rest, st))
 
 
 _ARITHMETIC = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
