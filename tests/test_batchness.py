@@ -148,3 +148,17 @@ def test_timm_drop_path_in_training():
         ref = (grads * x.unsqueeze(1)).sum(2)
         torch.manual_seed(3)
         assert relative_error(net(x, samples=rows).heatmaps, ref if rows is None else ref[rows]) < 1e-10
+
+
+def test_pad_amounts_from_math_on_shapes_are_numbers():
+    """timm's pad_same: `math.ceil` of a size is a number, never a tensor whose batch-ness is undecided (it was
+    refused, tf_efficientnet_lite0 with it)."""
+    import math
+
+    def pad_same(s, y):
+        ih, iw = y.size()[-2:]
+        ph = (math.ceil(ih / 2) - 1) * 2 + 3 - ih
+        pw = (math.ceil(iw / 2) - 1) * 2 + 3 - iw
+        return F.pad(y, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+    assert_matches_autograd(*body_model(pad_same))

@@ -64,7 +64,7 @@ def analyse(graph: fx.Graph, input_node: fx.Node) -> Batchness:
             out.numbers.add(n)
             status = _query(n, out)
         else:
-            if _hashed_in(n.target, _ARITHMETIC) and all(a in out.numbers for a in n.all_input_nodes):
+            if _is_number_op(n) and all(a in out.numbers for a in n.all_input_nodes):
                 out.numbers.add(n)
             status = _value(n, out)
         if status in (B, B_FIRST, UNKNOWN):
@@ -192,8 +192,11 @@ def _first_rows(n: fx.Node, st: Batchness) -> bool:
             and isinstance(first.stop, fx.Node) and st.sizes.get(first.stop) == B and not _status(rest, st))
 
 
-_ARITHMETIC = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
-               operator.neg, operator.mod, max, min}
+def _is_number_op(n: fx.Node) -> bool:
+    """Python arithmetic on shape values (operator.*, builtins, math: timm's pad_same takes math.ceil of sizes):
+    it gives numbers, never a tensor (a torch function of numbers, torch.ones((b, c)), is a tensor)."""
+    module = getattr(n.target, "__module__", None) or ""
+    return n.op == "call_function" and module in ("_operator", "operator", "builtins", "math")
 
 
 def _hashed_in(target, table) -> bool:
