@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from unroll import rules
 
 # Spellings behind known bugs (see the regression tests in test_fuzz.py): switched on once branch `rules` fixed them
-# (all merged now); the batch-shaped input-independent operand's `samples=` by branch `rules2`.
+# (all merged now), like a batch-shaped input-independent operand with `samples=` (test_batch_shaped_constant).
 ENABLED = {
     "alpha": True,  # torch.add / torch.sub / .add / .sub with alpha != 1
     "negative_part_index": True,  # x.chunk(2, 1)[-1]

@@ -5,6 +5,8 @@ different values per sample (`.cumsum(0)` over the batch), so a row paired with 
 
 Before (main at aaab9a8): these compiled with the operand as a batch-less constant -- samples= of one row returned
 B rows, of several a RuntimeError -- or, for *_like / new_* of an active tensor, were refused ("no unroll rule")."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -37,8 +39,8 @@ BUILT = {
     "where(ones_like mask)": lambda s, y: torch.where(ramp(torch.ones_like(y)) % 2 > 0.5, y, 0.0),
     "constant.expand(size(0))": lambda s, y: y * ramp(s.w.expand(y.size(0), -1, -1, -1)),
     "constant.view(size(0))": lambda s, y: y * ramp(s.w.view(1, C, 1, 1).expand(y.shape[0], C, 1, 1)),
-    "table[:size(0)]": lambda s, y: y * s.table[:y.size(0)],  # a different row per sample
-    "table[0:shape[0], :]": lambda s, y: s.table[0:y.shape[0], :] / 2.0 * y,
+    "table[:size(0)]": lambda s, y: y * s.table[:y.size(0)],  # rows differ already: one per sample
+    "table[:shape[0], :C]": lambda s, y: s.table[0:y.shape[0]:1, :C] * y,
 }
 
 
@@ -88,7 +90,7 @@ def test_random_per_sample_mask_follows_the_sample():
 @pytest.mark.parametrize("fn, culprit", [
     (lambda s, y: y * torch.ones((y.shape[-4], C, 1, 1)), "ones"),  # a negative index: the batch dim or not
     (lambda s, y: y * torch.ones((y.size(0) * 1, C, 1, 1)), "ones"),  # arithmetic on the batch size
-    (lambda s, y: y * s.table[1:y.size(0) + 1], "getitem"),  # rows 1 .. B: a tensor op on arithmetic
+    (lambda s, y: y * s.table[1:y.size(0) + 1], "getitem"),  # a slice whose end is arithmetic on the batch size
     (lambda s, y: y * s.w.repeat(y.size(0), 1, 1, 1), "repeat"),  # repeat: B rows only if w has one
 ], ids=["negative_index", "arithmetic", "slice_of_a_table", "repeat"])
 def test_undecidable_batchness_is_refused_naming_the_node(fn, culprit):
@@ -132,6 +134,32 @@ def test_factories_without_the_batch_size_are_constants(fn):
     torch.testing.assert_close(net(x, samples=[1]).heatmaps, net(x).heatmaps[[1]], rtol=1e-12, atol=1e-12)
 
 
+def pad_same(y, k=3, stride=2):
+    """timm's pad_same: 'same' padding amounts computed from the map's size, with Python's math."""
+    ih, iw = y.size()[-2:]
+    pad_h = max((math.ceil(ih / stride) - 1) * stride + k - ih, 0)
+    pad_w = max((math.ceil(iw / stride) - 1) * stride + k - iw, 0)
+    return F.pad(y, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, y: pad_same(y),
+    lambda s, y: y * y.size(-3) ** -0.5,  # attention's scale from a negative index
+    lambda s, y: y * (1.0 / math.sqrt(y.shape[-1] * y.shape[-2])),
+    lambda s, y: y * (2.0 / math.sqrt(y.size(0))),  # a number computed from the batch size
+    lambda s, y: F.pad(y, (0, y.size(0) - 1)),  # padded by the batch size
+], ids=["pad_same", "pow", "math.sqrt", "number_of_the_batch_size", "pad_by_the_batch_size"])
+def test_numbers_from_shapes_are_not_tensors(fn):
+    """Python numbers computed from shapes (math.ceil, **, math.sqrt of sizes) have no batch dim, whatever sizes
+    they read: they were undecided (math.ceil and ** were taken for tensor ops), so timm's tf_efficientnet
+    (pad_same) was refused ("cannot unroll node 'pad_4'")."""
+    model, _ = body_model(fn)
+    x = torch.randn(3, 3, 7, 6, dtype=torch.double)
+    net = assert_matches_autograd(model, x, unroll.compile(model, example=x))  # (max() branches on the shape)
+    full = net(x).heatmaps
+    assert relative_error(net(x, samples=[2, 0]).heatmaps, full[[2, 0]]) < 1e-12
+
+
 def test_timm_drop_path_in_training():
     """timm's DropPath (stochastic depth) in train mode: one keep-bit per sample (it was "no unroll rule
     (new_empty)")."""
@@ -148,17 +176,3 @@ def test_timm_drop_path_in_training():
         ref = (grads * x.unsqueeze(1)).sum(2)
         torch.manual_seed(3)
         assert relative_error(net(x, samples=rows).heatmaps, ref if rows is None else ref[rows]) < 1e-10
-
-
-def test_pad_amounts_from_math_on_shapes_are_numbers():
-    """timm's pad_same: `math.ceil` of a size is a number, never a tensor whose batch-ness is undecided (it was
-    refused, tf_efficientnet_lite0 with it)."""
-    import math
-
-    def pad_same(s, y):
-        ih, iw = y.size()[-2:]
-        ph = (math.ceil(ih / 2) - 1) * 2 + 3 - ih
-        pw = (math.ceil(iw / 2) - 1) * 2 + 3 - iw
-        return F.pad(y, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-
-    assert_matches_autograd(*body_model(pad_same))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import zoo
+from bench import runner
 from bench import voc as cli
 from bench.data.fake_voc import make_fake_voc
 from bench.data.voc import CLASSES
@@ -200,18 +201,18 @@ def test_ctrl_c_saves_then_resume_matches(voc_root, clf_dir, tmp_path, monkeypat
     extra = ["--steps", "3", "--eval-every", "3", "--no-figures"]
     ref, split = tmp_path / "ref", tmp_path / "split"
     assert cli.main(flags(voc_root, ref, clf_dir, "fcn", *extra)) == 0
-    real_step = cli._Progress.step
+    real_step = runner.Progress.step
 
     def step(self, n, parts):
         real_step(self, n, parts)
         if n == 1 and self.name.startswith("fcn"):
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(cli._Progress, "step", step)
+    monkeypatch.setattr(runner.Progress, "step", step)
     assert cli.main(flags(voc_root, split, clf_dir, "fcn", *extra)) == 130
     saved = torch.load(split / "ckpt.pt", weights_only=True)
     assert saved["state"]["step"] == 1
-    monkeypatch.setattr(cli._Progress, "step", real_step)
+    monkeypatch.setattr(runner.Progress, "step", real_step)
     assert cli.main(flags(voc_root, split, clf_dir, "fcn", *extra, "--resume")) == 0
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, split))
     assert a["miou"] == b["miou"] and a["per_class_iou"] == b["per_class_iou"] and a["f1"] == b["f1"]

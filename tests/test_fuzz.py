@@ -155,10 +155,6 @@ def regression(body, batch=2, **kwargs):
     check_equivalence(model, torch.randn(batch, 3, 5, 4, dtype=torch.double))
 
 
-def known_bug(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 def test_negative_part_index():
     regression(lambda m, y: y.chunk(2, 1)[-1], c_body=2)
 
@@ -179,9 +175,10 @@ def test_alpha(combine):
 @pytest.mark.parametrize("operand", [lambda m, y: m.w[:y.shape[0]], lambda m, y: m.w[:1].expand(y.shape[0], -1, -1, -1)],
                          ids=["rows", "expand"])
 def test_batch_shaped_constant(batch, operand):
-    """An input-independent operand with the batch dim (w[:B], w[:1].expand(B, ...)) was saved unbatched, so not
-    subset by samples=: B=K with rows differing per sample was silently wrong, the other cases failed in the
-    decoder (fixed on rules2: unroll.batchness)."""
+    """samples= with an input-independent operand that has the batch dim (w[:B], w[:1].expand(B, ...)): it was
+    saved unbatched, so not subset -- B=K with rows differing per sample was silently wrong, the other cases failed
+    in the decoder. unroll.batchness now finds both built with the batch size (expand: branch rules2; the first B
+    rows of a parameter: branch integrate), so they are saved per sample."""
     regression(lambda m, y: y * operand(m, y), batch=batch, w=nn.Parameter(torch.rand(4, 4, 1, 1) + 0.5))
 
 

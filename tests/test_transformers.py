@@ -25,6 +25,7 @@ EXACT = {  # model -> the input shapes one compilation serves (* = any size)
     "TextNetForImageClassification": "any",
     "MobileNetV1ForImageClassification": "(2, 3, 64, 61)",
     "MobileNetV2ForImageClassification": "(2, 3, 64, 61)",
+    "TimmWrapperForImageClassification(resnet18)": "any",  # a timm model inside, pixel_values.to(dtype) first
 }
 REFUSED = {  # model -> ops the refusal must name
     "RegNetForImageClassification(y)": ("Sigmoid",),
@@ -32,7 +33,6 @@ REFUSED = {  # model -> ops the refusal must name
     "ConvNextForImageClassification": ("LayerNorm", "gelu"),
     "ConvNextV2ForImageClassification": ("LayerNorm", "gelu"),
     "EfficientNetForImageClassification": ("SiLU", "Sigmoid"),
-    "TimmWrapperForImageClassification(resnet18)": ("to",),  # pixel_values.to(device, dtype): no rule yet
 }
 # attention / token models: not CNNs, not built here (their GELU, softmax and LayerNorm are refused like timm's)
 NOT_CNN = {

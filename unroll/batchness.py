@@ -4,18 +4,22 @@ values and through shapes.
 A value is batched if it is computed from the input's values (a mask `y > 0.1`, through non-differentiable ops
 too), or built with the batch size as its first dim: a factory whose size starts with the batch size of a batched
 value (`torch.ones((x.size(0), C, 1, 1))`, `torch.zeros(x.shape)`, `x.new_ones((x.shape[0],) + (1,) * 3)`), a
-`*_like` of a batched value, a constant expanded or reshaped to such a size (`self.w.expand(x.size(0), -1)`), the
-first rows of a constant (`self.table[:x.size(0)]`); and whatever is computed from batched values. Shape queries
-(`x.shape`, `x.size(0)`) are never batched themselves: they carry the batch size as a number.
+`*_like` of a batched value, a constant expanded or reshaped to such a size (`self.w.expand(x.size(0), -1)`) or
+cut to its first batch-size rows (`self.table[:x.size(0)]`); and whatever is computed from batched values.
 
-Where the batch size reaches a value some other way -- a negative shape index, arithmetic on it, a factory with
-it in a later dim, an op that is not one of the above (`w.repeat(x.size(0), 1)`) -- nobody can tell from the graph
-whether the value's first dim is the batch: the value is *undecided*, with the node that made it so. Only a rule
-that needs to know (an operand meeting the cotangent) refuses it; a value the decoder never reads (timm's class
-token expanded to the batch size and concatenated) costs nothing.
+Shape queries (`x.shape`, `x.size(0)`) and Python's scalar arithmetic on them (`math.ceil(h / s) * s - h`,
+`c ** -0.5`) are numbers: they have no dims, so they are never batched nor undecided themselves; they only carry
+the batch size, or not, into whatever tensor is built with them.
+
+Where the batch size reaches a tensor some other way -- a size from a negative shape index or arithmetic on the
+batch size, a factory with it in a later dim, a tensor op that is not one of the above -- nobody can tell from the
+graph whether the tensor's first dim is the batch: it is *undecided*, with the node that made it so. Only a rule that needs to know (an
+operand meeting the cotangent) refuses it; a value the decoder never reads (timm's class token expanded to the
+batch size and concatenated) costs nothing.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -63,9 +67,12 @@ def analyse(graph: fx.Graph, input_node: fx.Node) -> Batchness:
         if is_shape_query(n):
             out.numbers.add(n)
             status = _query(n, out)
+        elif _is_number(n, out):
+            # a Python number (or tuple of them) has no dims, so no batch dim either: it only carries the batch
+            # size, or not, as a value -- never batched, never undecided (timm's pad_same pads by ceil(H / s))
+            out.numbers.add(n)
+            status = _shape_arithmetic(n, out)
         else:
-            if _is_number_op(n) and all(a in out.numbers for a in n.all_input_nodes):
-                out.numbers.add(n)
             status = _value(n, out)
         if status in (B, B_FIRST, UNKNOWN):
             out.sizes[n] = status
@@ -152,7 +159,7 @@ def _value(n: fx.Node, st: Batchness):
     target = n.target if _hashed_in(n.target, LIKE | FACTORIES | NEW_FACTORIES | RESIZE) else None
     if target in LIKE:
         source = n.args[0] if n.args else n.kwargs.get("input")
-        return "batched" if source in st.batched else st.undecided.get(source)  # (None: a constant's shape)
+        return "batched" if source in st.batched else st.undecided.get(source, n if source in st.undecided else None)
     if target in FACTORIES or target in NEW_FACTORIES or (target in RESIZE and n.args[0] not in st.batched):
         skip = 0 if target in FACTORIES else 1  # new_ones(self, *size) / expand(self, *size) / reshape(x, shape)
         if target in RESIZE and n.args[0] in st.undecided:
@@ -168,35 +175,44 @@ def _value(n: fx.Node, st: Batchness):
         return "batched" if leading == "batched" else n if leading == UNKNOWN else None
     if any(a in st.batched for a in inputs):
         return "batched"  # computed from the input's values (or from a batched value)
-    if n.target is operator.getitem and n.op == "call_function" and _first_rows(n, st):
-        return "batched"
     undecided = [st.undecided[a] for a in inputs if a in st.undecided]
     if undecided:
         return undecided[0]
+    if _first_rows(n, st):
+        return "batched"  # self.table[:x.size(0)]: the constant's first B rows, one per sample
     if any(a in st.sizes for a in inputs):
-        # the batch size reaches this node as an argument: shape arithmetic, or an op unroll cannot reason about
-        if n in st.numbers:
-            return _shape_arithmetic(n, st)
-        return n  # (a tensor op: `self.table[:x.size(0)]` has the batch dim or not, nobody can tell)
+        # the batch size reaches a tensor op as an argument some other way (self.w.repeat(x.size(0), 1),
+        # self.table[1:x.size(0) + 1]): its first dim may be the batch or not, nobody can tell
+        return n
     return None
 
 
 def _first_rows(n: fx.Node, st: Batchness) -> bool:
-    """`table[:x.size(0)]` (also `table[0:B, ...]`): the first B rows of a constant, one per sample (a table with
-    fewer rows fails in the forward, or has one row and broadcasts)."""
-    table, index = n.args
-    if not isinstance(table, fx.Node) or table in st.numbers or table in st.sizes:
+    """`t[:b]` / `t[:b, ...]` / `t[0:b:1]` of a tensor t, b the batch size: the first dim is cut to the batch
+    size, as `expand` makes it."""
+    if n.op != "call_function" or n.target is not operator.getitem or n.args[0] in st.numbers:
         return False
-    first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
+    index = n.args[1]
+    first = index[0] if isinstance(index, tuple) and index else index
     return (isinstance(first, slice) and first.start in (None, 0) and first.step in (None, 1)
-            and isinstance(first.stop, fx.Node) and st.sizes.get(first.stop) == B and not _status(rest, st))
+            and isinstance(first.stop, fx.Node) and st.sizes.get(first.stop) == B)
 
 
-def _is_number_op(n: fx.Node) -> bool:
-    """Python arithmetic on shape values (operator.*, builtins, math: timm's pad_same takes math.ceil of sizes):
-    it gives numbers, never a tensor (a torch function of numbers, torch.ones((b, c)), is a tensor)."""
-    module = getattr(n.target, "__module__", None) or ""
-    return n.op == "call_function" and module in ("_operator", "operator", "builtins", "math")
+# Python's scalar arithmetic: on numbers (shape entries, tuples of them) it gives numbers again
+_SCALAR_OPS = {
+    *(getattr(operator, name) for name in (
+        "getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg", "pos", "abs", "lt", "le", "eq",
+        "ne", "ge", "gt", "not_", "truth", "and_", "or_", "xor", "lshift", "rshift", "index")),
+    *(f for name, f in vars(math).items() if callable(f) and not name.startswith("_")),  # ceil, floor, sqrt...
+    max, min, abs, int, float, round, bool, len, sum}
+
+
+def _is_number(n: fx.Node, st: Batchness) -> bool:
+    """A Python number or tuple of them: scalar arithmetic whose node inputs are all numbers (a tensor input
+    makes it a tensor op: `w * x.size(0)`)."""
+    inputs = n.all_input_nodes
+    return (n.op == "call_function" and _hashed_in(n.target, _SCALAR_OPS) and bool(inputs)
+            and all(a in st.numbers for a in inputs))
 
 
 def _hashed_in(target, table) -> bool:

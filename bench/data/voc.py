@@ -18,6 +18,7 @@ Image-level-only items carry an all-255 mask, so one loss with ``ignore_index=25
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -32,8 +33,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import VOCDetection, VOCSegmentation
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from unroll.segmentation import sampling, transforms
+from unroll.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomScale, make_transform  # noqa: F401
 
 CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -42,15 +45,12 @@ CLASSES = (
 NUM_CLASSES = len(CLASSES)  # 21: background + 20 object classes
 IGNORE = 255  # VOC's "void" label: object outlines and ambiguous regions; also our "no pixel label"
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Padding colour for crops of uint8 images: the mean, so that it normalises to ~0.
+# Padding colour for crops of uint8 images: the mean, so that it normalises to ~0 (make_transform's fill).
 MEAN_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
-# At or below this many labelled images the sampler balances classes; above it follows the data (see sample_labelled).
-BALANCED_MAX = 100
+BALANCED_MAX = sampling.BALANCED_MAX  # at or below: class-balanced pick; above: follows the data
 CACHE_NAME = "unroll_image_labels.json"
-_CACHE_FORMAT = "unroll-voc12-image-labels/1"
+_CACHE_FORMAT = "unroll-voc12-image-labels/2"  # /2: entries keyed by the XML's sha1
 
 
 class VOCMissingError(FileNotFoundError):
@@ -117,14 +117,18 @@ def multi_hot(class_indices: Iterable[int]) -> np.ndarray:
 
 
 def parse_xml_labels(xml_path: str | os.PathLike) -> np.ndarray:
-    """Image-level multi-hot from one VOC annotation file.
+    """Image-level multi-hot from one VOC annotation file (ValueError naming the file when it is malformed).
 
     Every object counts, ``difficult`` and ``truncated`` ones included: they are in the image (and in the
     segmentation masks), and this is how the usual WSSS label files (e.g. IRN's cls_labels) are made.
     """
     index = {name: k for k, name in enumerate(CLASSES)}
     present = []
-    for obj in ElementTree.parse(xml_path).getroot().iter("object"):
+    try:
+        root = ElementTree.parse(xml_path).getroot()
+    except ElementTree.ParseError as err:
+        raise ValueError(f"{xml_path}: malformed XML ({err})") from None
+    for obj in root.iter("object"):
         name = obj.findtext("name", "").strip()
         if name not in index or name == "background":
             raise ValueError(f"{xml_path}: unknown VOC class {name!r}")
@@ -132,37 +136,77 @@ def parse_xml_labels(xml_path: str | os.PathLike) -> np.ndarray:
     return multi_hot(present)
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
 def image_labels(
     voc_dir: str | os.PathLike,
     ids: Sequence[str] | None = None,
     cache: str | os.PathLike | bool | None = True,
+    problems: list | None = None,
 ) -> dict[str, np.ndarray]:
     """{image_id: uint8 [21] multi-hot} read from Annotations/*.xml, cached as JSON.
 
     ``ids``: which images (default: every fully annotated image, seg val included — callers pick splits).
     ``cache``: True puts ``unroll_image_labels.json`` beside the data (skipped with a warning when that folder is
-    read-only), a path puts it there, False/None turns caching off. A cache is reused when it holds every requested id.
+    read-only), a path puts it there, False/None turns caching off. Each cached entry is keyed by the SHA-1 of its
+    XML file: an edited (or replaced) XML is parsed again, whatever its time stamp says.
+    ``problems``: a list to append a :class:`unroll.segmentation.validate.Problem` to per bad XML (missing,
+    malformed, unknown class; the id is left out of the result); without it every bad XML is collected and one
+    :class:`~unroll.segmentation.validate.DataError` lists them all.
     """
+    from unroll.segmentation.validate import DataError, Problem
+
     voc_dir = Path(voc_dir)
     ids = list(ids) if ids is not None else _annotated_ids(voc_dir)
     cache_path = voc_dir / CACHE_NAME if cache is True else (Path(cache) if cache else None)
 
+    stored: dict = {"labels": {}, "sha1": {}}
     if cache_path is not None and cache_path.is_file():
-        stored = json.loads(cache_path.read_text())
-        if stored.get("format") == _CACHE_FORMAT and all(i in stored["labels"] for i in ids):
-            return {i: multi_hot(stored["labels"][i]) for i in ids}
-
-    labels = {i: parse_xml_labels(voc_dir / "Annotations" / f"{i}.xml") for i in ids}
-    if cache_path is not None:
+        try:
+            raw = json.loads(cache_path.read_text())
+        except json.JSONDecodeError:
+            raw = {}
+        if raw.get("format") == _CACHE_FORMAT:
+            stored = raw
+    found: list = []
+    labels: dict[str, np.ndarray] = {}
+    changed = False
+    for i in ids:
+        path = voc_dir / "Annotations" / f"{i}.xml"
+        try:
+            digest = _digest(path)
+        except OSError:
+            found.append(Problem(str(path), "missing (no annotation for an image the run uses)", i, "image-level"))
+            continue
+        if stored["sha1"].get(i) == digest and i in stored["labels"]:
+            labels[i] = multi_hot(stored["labels"][i])
+            continue
+        try:
+            labels[i] = parse_xml_labels(path)
+        except ValueError as err:
+            found.append(Problem(str(path), str(err).removeprefix(f"{path}: "), i, "image-level"))
+            continue
+        stored["labels"][i] = np.flatnonzero(labels[i]).tolist()
+        stored["sha1"][i] = digest
+        changed = True
+    if found and problems is None:
+        raise DataError(found)
+    if problems is not None:
+        problems.extend(found)
+    if cache_path is not None and changed:
         payload = {
             "format": _CACHE_FORMAT,
             "classes": list(CLASSES),
-            "note": "class indices present per image, from the VOC XML objects (difficult included)",
-            "labels": {i: np.flatnonzero(v).tolist() for i, v in labels.items()},
+            "note": "class indices present per image, from the VOC XML objects (difficult included); sha1 of each "
+                    "XML file, so an edited one is read again",
+            "labels": stored["labels"],
+            "sha1": stored["sha1"],
         }
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_suffix(".tmp")
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(payload))
             tmp.replace(cache_path)  # atomic: concurrent runs never read half a file
         except OSError as err:
@@ -189,57 +233,13 @@ def read_labels_tsv(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------------------------------------- sampler
 def sample_labelled(ids: Sequence[str], labels: Mapping[str, np.ndarray], n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct ids out of ``ids`` to receive pixel labels, a deterministic function of (ids set, labels, seed).
+    """``n`` distinct ids out of ``ids`` to receive pixel labels: :func:`unroll.segmentation.sampling.sample_labelled`
+    balancing the 20 object classes (background left out).
 
-    The picked images' class counts follow a target distribution over the 20 object classes:
-
-    * ``n <= BALANCED_MAX`` (100): uniform — as balanced as possible; the first 20 picks cover every class that
-      occurs at all, then it goes round-robin;
-    * larger ``n``: the average of uniform and the class distribution of ``ids`` (rare classes lifted, common ones
-      still dominant);
-    * ``n == len(ids)``: all of them.
-
-    Each pick takes the class furthest behind its target (picked / target; ties: the rarer class in ``ids``) and a
-    random unpicked image containing it, preferring images whose other classes are not "full": for n <= 100 none of
-    them already ahead of that class (strict balance), above that none of them past its final quota (target x n x mean
-    classes per image), which keeps the share of multi-object images near that of ``ids``. Without the preference,
-    classes that co-occur with everything (person: in 30% of the train images) pile up above even their share in
-    ``ids``. Measured on the official train list: n=20 covers all 20 classes (1-2 images each), n=100 gives 6-7 per
-    class, n=500 matches the target shares within 0.01 (L1). Returns the ids sorted; background is ignored.
+    Measured on the official train list: n=20 covers all 20 classes (1-2 images each), n=100 gives 6-7 per class,
+    n=500 matches the target shares within 0.01 (L1). Returns the ids sorted.
     """
-    pool = sorted(set(ids))
-    if not 0 <= n <= len(pool):
-        raise ValueError(f"n={n} must lie in [0, {len(pool)}] (the number of candidate ids)")
-    if n == len(pool):
-        return pool
-    has = np.stack([np.asarray(labels[i]).astype(bool)[1:] for i in pool])  # [N, 20] object classes
-    rng = np.random.default_rng(seed)
-    freq = has.sum(0)  # images per class in the pool
-    uniform = np.full(has.shape[1], 1 / has.shape[1])
-    target = uniform if n <= BALANCED_MAX else 0.5 * uniform + 0.5 * freq / max(freq.sum(), 1)
-    quota = target * n * has.sum(1).mean()  # expected final image count per class
-    free = np.ones(len(pool), bool)
-    picked_count = np.zeros(has.shape[1])  # picked images per class
-
-    for _ in range(n):
-        available = (has & free[:, None]).any(0)  # classes with an unpicked image left
-        if not available.any():  # only images without objects remain (none in VOC): take any
-            i = rng.choice(np.flatnonzero(free))
-        else:
-            behind = picked_count / target  # how far each class is along its quota (smaller = further behind)
-            order = np.lexsort((freq, behind))
-            c = next(k for k in order if available[k])
-            candidates = np.flatnonzero(has[:, c] & free)
-            if n <= BALANCED_MAX:
-                full = behind > behind[c]  # strict: any class already ahead of c
-            else:
-                full = picked_count + 1 > quota  # loose: classes that would pass their final quota
-            full[c] = False
-            over = (has[candidates] & full).sum(1)
-            i = rng.choice(candidates[over == over.min()])
-        free[i] = False
-        picked_count += has[i]
-    return [pool[i] for i in np.flatnonzero(~free)]
+    return sampling.sample_labelled(ids, labels, n, seed, exclude=(0,), balanced_max=BALANCED_MAX)
 
 
 # ------------------------------------------------------------------------------------------------------ transforms
@@ -273,39 +273,6 @@ def decode_mask(png: Image.Image) -> np.ndarray:
     for value, k in lut.items():
         out[code == value] = k
     return out
-
-
-class RandomScale(v2.Transform):
-    """Resize by one random factor in ``scale`` (bilinear for images, nearest for masks: labels are never blended)."""
-
-    def __init__(self, scale: tuple[float, float] = (0.5, 2.0)):
-        super().__init__()
-        self.scale = scale
-
-    def make_params(self, flat_inputs):
-        h, w = v2.query_size(flat_inputs)
-        s = float(torch.empty(()).uniform_(*self.scale))
-        return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
-
-    def transform(self, inpt, params):
-        return F.resize(inpt, params["size"], antialias=True)
-
-
-def make_transform(train: bool, image_size: int | tuple[int, int] = 320, scale=(0.5, 2.0)) -> v2.Compose:
-    """Joint image/mask transform. Train: random scale, crop to ``image_size`` (pad image with the mean, mask with
-    255), horizontal flip. Eval: nothing geometric — full images. Both end ImageNet-normalised."""
-    geometric = []
-    if train:
-        geometric = [
-            RandomScale(scale),
-            v2.RandomCrop(image_size, pad_if_needed=True, fill={tv_tensors.Image: MEAN_UINT8, tv_tensors.Mask: IGNORE}),
-            v2.RandomHorizontalFlip(),
-        ]
-    return v2.Compose([
-        *geometric,
-        v2.ToDtype(torch.float32, scale=True),  # images only; masks keep their integer labels
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
 
 
 def _load_image(path: str | os.PathLike) -> tv_tensors.Image:
@@ -412,6 +379,31 @@ def pad_collate(batch: list[dict]) -> dict:
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """Images as the transforms give them (ImageNet-normalised, (..., 3, H, W)) back in [0, 1], on the CPU, for
     figures: the inverse of ``make_transform``'s ``v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)``."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (images.float().cpu() * std + mean).clamp(0, 1)
+    return transforms.denormalize(images, IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+def file_items(voc_dir: str | os.PathLike, groups: Mapping[str, tuple[Sequence[str], bool]]) -> list:
+    """The files a run reads, as :class:`unroll.segmentation.validate.Item` (one per id): ``groups`` maps a role
+    ("val", "labelled", ...) to (ids, whether their masks are read). An id in several roles is one item with its
+    roles joined and its mask read if any role reads it."""
+    from unroll.segmentation.validate import Item
+
+    voc_dir = Path(voc_dir)
+    roles: dict[str, list[str]] = {}
+    masked: set[str] = set()
+    for role, (ids, with_mask) in groups.items():
+        for i in ids:
+            roles.setdefault(i, []).append(role)
+            if with_mask:
+                masked.add(i)
+    return [Item(i, voc_dir / "JPEGImages" / f"{i}.jpg",
+                 voc_dir / "SegmentationClass" / f"{i}.png" if i in masked else None, "+".join(r))
+            for i, r in roles.items()]
+
+
+def read_mask_file(path: str | os.PathLike) -> np.ndarray:
+    """A SegmentationClass PNG's class indices (decode_mask), fully decoded (truncated files raise OSError)."""
+    from unroll.segmentation.validate import open_image
+
+    return decode_mask(open_image(path))

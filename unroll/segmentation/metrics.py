@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 from torch import Tensor
-from torchmetrics.classification import MulticlassJaccardIndex, MultilabelF1Score
+from torchmetrics.classification import BinaryF1Score, MulticlassJaccardIndex, MultilabelF1Score
 
-__all__ = ["SegmentationIoU", "MultilabelF1"]
+__all__ = ["SegmentationIoU", "MultilabelF1", "BinaryObjectF1", "image_level_f1"]
 
 
 class SegmentationIoU(MulticlassJaccardIndex):
@@ -92,3 +92,31 @@ class MultilabelF1(MultilabelF1Score):
         keep = [c for c in range(self.num_classes) if c != self.background_index]
         preds = (logits[:, keep] > self.logit_threshold).long()
         super().update(preds, target[:, keep].long())
+
+
+class BinaryObjectF1(BinaryF1Score):
+    """:class:`MultilabelF1` for a task with one class besides the background (e.g. membrane / cell): the same
+    arguments and conventions (background column dropped, logit > threshold), torchmetrics' binary F1 of the one
+    remaining column, counts summed over the whole dataset. (torchmetrics' multilabel F1 needs two labels or more.)"""
+
+    def __init__(self, num_classes: int = 2, background_index: int = 0, logit_threshold: float = 0.0,
+                 zero_division: float = 0.0, **kwargs) -> None:
+        if num_classes != 2:
+            raise ValueError(f"BinaryObjectF1 is for 2 classes (background + one), got {num_classes}")
+        super().__init__(zero_division=zero_division, **kwargs)
+        self.num_classes, self.background_index, self.logit_threshold = num_classes, background_index, logit_threshold
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        if logits.ndim != 2 or logits.shape[1] != 2 or target.shape != logits.shape:
+            raise ValueError(f"expected logits and target of shape (N, 2), got {tuple(logits.shape)} and "
+                             f"{tuple(target.shape)}")
+        c = 1 - self.background_index
+        super().update((logits[:, c] > self.logit_threshold).long(), target[:, c].long())
+
+
+def image_level_f1(num_classes: int, background_index: int = 0, **kwargs):
+    """The image-level F1 metric for ``num_classes`` classes (background included): MultilabelF1, or
+    BinaryObjectF1 when only one class remains besides the background."""
+    if num_classes == 2:
+        return BinaryObjectF1(num_classes, background_index, **kwargs)
+    return MultilabelF1(num_classes, background_index, **kwargs)

@@ -350,23 +350,37 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
              progress: bool | Callable[[int, int], None] = False) -> dict:
     """mIoU and per-class IoU of argmax(seg) on ``dataset`` (255 ignored), and image-level macro F1 (background
     excluded, logit > 0) of the model's logits -- or, for seg-only models, of ``model.classifier`` (so a U-Net's
-    encoder drift shows as a change in the classifier it shares). Runs in eval mode, restores the mode after.
+    encoder drift shows as a change in the classifier it shares) -- and how many ``images`` were scored. Runs in
+    eval mode, restores the mode after.
 
     device / amp_dtype / channels_last / num_workers: where batches go (the model must be there already), autocast
     dtype (e.g. torch.bfloat16), memory format, loader workers. The defaults keep everything as it was (CPU, fp32).
     progress: True shows a rich progress bar (images done, time left), a callable gets (images done, total) after
-    every batch; full-image evaluation on a CPU can take hours, and the default (False) is silent."""
-    from .metrics import MultilabelF1, SegmentationIoU  # torchmetrics (an extra): needed here only
+    every batch; full-image evaluation on a CPU can take hours, and the default (False) is silent.
+    An exception raised part-way (KeyboardInterrupt included) carries ``err.partial``: the same dict over the images
+    scored before it, so a caller can still write what it has."""
+    from .metrics import SegmentationIoU, image_level_f1  # torchmetrics (an extra): needed here only
 
     was_training = model.training
     model.eval()
     # sync_on_compute=False: one process evaluates the whole set (under torch.distributed, rank 0 alone); without a
     # process group torchmetrics never syncs anyway, so this changes nothing there.
     iou = SegmentationIoU(num_classes, ignore_index=IGNORE, sync_on_compute=False)
-    f1 = MultilabelF1(num_classes, background_index=background, sync_on_compute=False)
+    f1 = image_level_f1(num_classes, background_index=background, sync_on_compute=False)
     if device is not None:
         iou, f1 = iou.to(device), f1.to(device)
-    seen = {"seg": False, "cls": False}
+    seen = {"seg": False, "cls": False, "images": 0}
+
+    def result() -> dict[str, Any]:
+        out: dict[str, Any] = {"miou": None, "per_class": None, "f1": None, "images": seen["images"]}
+        if seen["seg"]:
+            r = iou.compute()
+            out["miou"] = float(r["miou"])
+            out["per_class"] = [None if math.isnan(v) else float(v) for v in r["per_class"].tolist()]
+        if seen["cls"]:
+            out["f1"] = float(f1.compute())
+        return out
+
     try:
         # generator=: a DataLoader otherwise draws its base seed from the global RNG (and resume would drift)
         batches = size_batches(dataset, batch_size)
@@ -378,17 +392,14 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
             for batch in loader:
                 batch = _to_device(batch, device, channels_last)
                 _eval_batch(model, batch, iou, f1, classify, device, amp_dtype, seen)
+                seen["images"] += len(batch["image"])
                 advance(len(batch["image"]))
+    except BaseException as err:  # Ctrl-C, a file that broke after validation, out of memory, ...
+        err.partial = result()  # the scores of the images done so far; the caller writes them, marked partial
+        raise
     finally:
         model.train(was_training)
-    result: dict[str, Any] = {"miou": None, "per_class": None, "f1": None}
-    if seen["seg"]:
-        r = iou.compute()
-        result["miou"] = float(r["miou"])
-        result["per_class"] = [None if math.isnan(v) else float(v) for v in r["per_class"].tolist()]
-    if seen["cls"]:
-        result["f1"] = float(f1.compute())
-    return result
+    return result()
 
 
 def _eval_batch(model, batch, iou, f1, classify, device, amp_dtype, seen) -> None:
@@ -490,6 +501,7 @@ def train(
     catch_interrupt: bool = False,
     on_log: Callable[[dict], None] | None = None,
     eval_workers: int = 0,
+    meta: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` steps (see the module docstring); returns with the selected weights loaded.
 
@@ -506,7 +518,8 @@ def train(
     evaluates, selects and writes checkpoints, every rank reads the checkpoint on resume. ``catch_interrupt=True``
     turns Ctrl-C (SIGINT, main thread only) into: finish the current step, write a checkpoint, raise
     KeyboardInterrupt -- so ``resume=True`` then continues exactly. ``on_log(row)`` gets every history row (after
-    each evaluation). ``eval_workers``: DataLoader workers of the evaluations.
+    each evaluation). ``eval_workers``: DataLoader workers of the evaluations. ``meta`` (JSON-able) is stored in
+    every checkpoint as ``ckpt["meta"]``: what a later reader needs to rebuild the model (its name, classes, ...).
     """
     t0 = time.perf_counter()
     rank, world = 0, 1
@@ -536,8 +549,9 @@ def train(
 
     def checkpoint():
         if ckpt_path is not None and is_main:
-            _save_atomic({"format": _CKPT_FORMAT, "config": _cfg_dict(cfg), "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "rng": rng_state(), "state": state}, ckpt_path)
+            _save_atomic({"format": _CKPT_FORMAT, "config": _cfg_dict(cfg), "meta": meta,
+                          "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                          "state": state}, ckpt_path)
 
     stream = BatchStream(pixel_set, image_set, cfg.batch_size, cfg.pixel_fraction, cfg.seed, collate_fn,
                          shard=(rank, world))
