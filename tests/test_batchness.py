@@ -158,3 +158,21 @@ def test_numbers_from_shapes_are_not_tensors(fn):
     net = assert_matches_autograd(model, x, unroll.compile(model, example=x))  # (max() branches on the shape)
     full = net(x).heatmaps
     assert relative_error(net(x, samples=[2, 0]).heatmaps, full[[2, 0]]) < 1e-12
+
+
+def test_timm_drop_path_in_training():
+    """timm's DropPath (stochastic depth) in train mode: one keep-bit per sample (it was "no unroll rule
+    (new_empty)")."""
+    layers = pytest.importorskip("timm.layers")
+    from test_rules import Net
+    from conftest import randomize
+
+    model = randomize(Net(layers.DropPath(0.5))).train()
+    net = unroll.compile(model)
+    x = torch.randn(6, 3, 7, 6, dtype=torch.double)
+    for rows in (None, [4], [5, 0, 2]):
+        torch.manual_seed(3)
+        grads, _ = autograd_gradients(model, x)
+        ref = (grads * x.unsqueeze(1)).sum(2)
+        torch.manual_seed(3)
+        assert relative_error(net(x, samples=rows).heatmaps, ref if rows is None else ref[rows]) < 1e-10
