@@ -300,6 +300,23 @@ def test_resume_rejects_another_config(tmp_path):
                 resume=True, **kw)
 
 
+def test_resume_refuses_an_optimizer_state_of_other_parameter_groups(tmp_path):
+    # a checkpoint written by a code version that grouped the parameters differently (as before the calibration
+    # group existed): a clear error naming the file, not torch's bare "different number of parameter groups"
+    kw = dict(num_classes=K, pixel_set=Toy(3), image_set=Toy(3))
+    cfg = T.TrainConfig(steps=4, batch_size=4, eval_every=2)
+    T.train(build("unet"), cfg, out_dir=tmp_path, stop_after=2, **kw)
+    path = tmp_path / T.CKPT_NAME
+    ckpt = torch.load(path, weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert len(groups) > 1
+    ckpt["optimizer"]["param_groups"] = groups[:1]
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="optimizer state does not fit") as err:
+        T.train(build("unet"), cfg, out_dir=tmp_path, resume=True, **kw)
+    assert str(path) in str(err.value)
+
+
 def test_selection_keeps_best_validation_weights():
     model = build("unet")
     states = {}

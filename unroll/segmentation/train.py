@@ -644,7 +644,12 @@ def train(
             raise ValueError(f"{ckpt_path} was written with another config (saved, now): {diff}; "
                              "delete it or rerun without --resume")
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # parameter groups of another model or code version: never resume half a state
+            raise ValueError(f"{ckpt_path}: its optimizer state does not fit this model's parameter groups ({e}); "
+                             "it was written by another model or version -- delete it or rerun without --resume"
+                             ) from e
         set_rng_state(ckpt["rng"])
         state = ckpt["state"]
     elif on_eval is not None and is_main:
