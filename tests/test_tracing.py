@@ -210,3 +210,14 @@ def test_running_the_example_leaves_the_model_untouched():
     unroll.compile(model, example=example)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("size", [6, 10])
+def test_verify_checks_shape_branching_models_at_the_input_shape(size):
+    model = ShapeBranch().double().eval()
+    report = unroll.verify(model, torch.randn(2, 3, size, size, dtype=torch.double), verbose=False)
+    assert max(report.heatmaps, report.gradients) < 1e-12
+
+
+def test_tracing_errors_are_exported():
+    assert unroll.NeedsExampleError is NeedsExampleError and unroll.InputShapeError is InputShapeError

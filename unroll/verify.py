@@ -52,11 +52,13 @@ def verify(model: nn.Module, x: torch.Tensor, classes=None, net=None, verbose: b
     """Compare unroll's heatmaps and input gradients with per-class autograd on `x`.
 
     Errors are relative (max abs error / max abs value). Run in float64 (`model.double()`, `x.double()`) to see
-    ~1e-15; float32 gives ~1e-6. Pass `net` to check an already compiled module.
+    ~1e-15; float32 gives ~1e-6. Pass `net` to check an already compiled module (else the model is compiled
+    with `example=x`, so models whose forward branches on shapes are checked at x's shape).
     """
     from .compiler import compile as compile_
 
-    net = compile_(model) if net is None else net
+    # example=x: a model whose forward branches on shapes is specialised to x (ignored by symbolic traces)
+    net = compile_(model, example=x) if net is None else net
     if not net.rules.gradient:
         raise ValueError(f"verify compares with autograd input x gradient; this module's rules {net.rules!r} compute "
                          "something else")
