@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 import unroll
-from unroll.verify import autograd_heatmaps, relative_error
+from unroll.verify import autograd_heatmaps, randomize_batch_norm, relative_error
 
 K = 5
 TOLERANCE = 1e-10
@@ -58,19 +58,7 @@ class Outcome:
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Float64, eval, BatchNorm running statistics and affines far from their identity defaults (so BN is tested)."""
-    g = torch.Generator().manual_seed(seed)
-    model = model.double().eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                n = m.num_features
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(n, generator=g, dtype=torch.double) * 0.2)
-                    m.running_var.copy_(torch.rand(n, generator=g, dtype=torch.double) * 1.5 + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(n, generator=g, dtype=torch.double) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g, dtype=torch.double) * 0.2)
-    return model
+    return randomize_batch_norm(model.double().eval(), seed)
 
 
 def refusal_reason(error: unroll.UnsupportedModelError) -> str:

@@ -397,17 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
-        try:
-            runner.check(args)
-        except ValueError as err:
-            parser.error(str(err))
-        rank, world, device = runner.dist_setup(args.device)
-        console = Console(stderr=False, quiet=rank != 0)
-        try:
-            return runner.run(args, load_experiment, console, rank, world, device, parser)
-        finally:
-            if world > 1 and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+        return runner.main(args, parser, load_experiment, runner.check)
     console = Console(stderr=False)
     command = evaluate_command if args.command == "evaluate" else predict_command
     try:

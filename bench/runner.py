@@ -517,6 +517,24 @@ def evaluate_and_write(model, dataset, num_classes: int, path: Path, summary: Ca
 # ------------------------------------------------------------------------------------------------------------- run
 
 
+def main(args, parser: argparse.ArgumentParser, load: Callable[..., Experiment], check: Callable) -> int:
+    """A CLI's whole run: `check(args)` (ValueError -> usage error, before any work), the process group under
+    torchrun, the experiment, and the process group torn down again."""
+    from rich.console import Console
+
+    try:
+        check(args)
+    except ValueError as err:
+        parser.error(str(err))
+    rank, world, device = dist_setup(args.device)
+    console = Console(stderr=False, quiet=rank != 0)
+    try:
+        return run(args, load, console, rank, world, device, parser)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def run(args, load: Callable[..., Experiment], console, rank: int, world: int, device: torch.device,
         parser: argparse.ArgumentParser | None = None) -> int:
     """The experiment (see the module docstring). ``load(args, rank=, world=, console=)`` returns the Experiment

@@ -180,23 +180,8 @@ def load_experiment(args, rank: int, world: int, console) -> runner.Experiment:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check(args)
-    except ValueError as err:
-        parser.error(str(err))
-    rank, world, device = runner.dist_setup(args.device)
-    console = Console(stderr=False, quiet=rank != 0)
-    try:
-        return runner.run(args, load_experiment, console, rank, world, device, parser)
-    finally:
-        import torch
-
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return runner.main(parser.parse_args(argv), parser, load_experiment, check)
 
 
 if __name__ == "__main__":

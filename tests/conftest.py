@@ -22,19 +22,9 @@ def _seed():
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Float64, eval, and BatchNorm statistics/affines far from their identity defaults, so BN is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    model = model.double().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                n = m.num_features
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(n, generator=g, dtype=torch.double) * 0.2)
-                    m.running_var.copy_(torch.rand(n, generator=g, dtype=torch.double) * 1.5 + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(n, generator=g, dtype=torch.double) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g, dtype=torch.double) * 0.2)
-    return model
+    from unroll.verify import randomize_batch_norm
+
+    return randomize_batch_norm(model.double().eval(), seed)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from unroll import rules
+from unroll.verify import randomize_batch_norm
 
 # Spellings behind known bugs (see the regression tests in test_fuzz.py): switched on once branch `rules` fixed them
 # (all merged now), like a batch-shaped input-independent operand with `samples=` (test_batch_shaped_constant).
@@ -159,20 +160,6 @@ class Net(nn.Module):
             x = op(x)
         return x
 
-
-def randomize_batch_norm(model: nn.Module, seed: int):
-    """BN statistics and affines far from identity (as tests/conftest.randomize), so BN is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                n = m.num_features
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(n, generator=g, dtype=torch.double) * 0.2)
-                    m.running_var.copy_(torch.rand(n, generator=g, dtype=torch.double) * 1.5 + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(n, generator=g, dtype=torch.double) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g, dtype=torch.double) * 0.2)
 
 
 def param(*shape, fan_in=1):

@@ -48,6 +48,24 @@ class Report:
                 f"gradients {self.gradients:.2e} (max |heatmap| {self.max_abs_heatmap:.3g})")
 
 
+
+def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm running statistics and affines far from their identity defaults (in place; returns the model), so
+    an equivalence check really tests BatchNorm: at torchvision's / timm's init a BN is close to the identity, and
+    timm zero-initialises the last BN of a residual block, which hides whatever flows through it."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                n, kw = m.num_features, {"generator": g, "dtype": torch.double}
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(n, **kw) * 0.2)
+                    m.running_var.copy_(torch.rand(n, **kw) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, **kw) + 0.5)
+                    m.bias.copy_(torch.randn(n, **kw) * 0.2)
+    return model
+
 def verify(model: nn.Module, x: torch.Tensor, classes=None, net=None, verbose: bool = True) -> Report:
     """Compare unroll's heatmaps and input gradients with per-class autograd on `x`.
 
