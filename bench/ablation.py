@@ -83,6 +83,9 @@ ROWS: tuple[Row, ...] = (
     Row("steps600", "budget", ("--steps", "600", "--eval-every", "50"), "600 steps"),
     Row("bgc30+steps600", "budget", ("--background", "constant", "--calibration-lr", "30", "--steps", "600",
                                      "--eval-every", "50"), "constant background, 30x calibration lr, 600 steps"),
+    Row("unet+steps600", "budget", ("--steps", "600", "--eval-every", "50"), "U-Net, 600 steps", model="unet"),
+    Row("mt-unet+steps600", "budget", ("--steps", "600", "--eval-every", "50"), "multi-task U-Net, 600 steps",
+        model="mt-unet"),
     Row("steps2000", "budget", ("--steps", "2000", "--eval-every", "100"), "2,000 steps"),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
