@@ -262,6 +262,9 @@ ROWS: list[Row] = [
     Row("to", L(lambda s, y: y.to(torch.float64))),
     Row("to", L(lambda s, y: y.to("cpu", dtype=torch.float64)), note="device and dtype"),
     Row("type_as", L(lambda s, y: y.type_as(s.w) * s.w, w=P(1))),
+    Row("type", L(lambda s, y: y + y.type(torch.float64)), note="a cast beside a path (was cut: 'type' counted as "
+        "a string query)"),
+    Row("type", L(lambda s, y: y.type("torch.DoubleTensor") * 2.0), note="the string form"),
     # shape ops
     Row(torch.flatten, L(lambda s, y: torch.flatten(y, 2).unsqueeze(-1))),
     Row("flatten", L(lambda s, y: y.flatten(start_dim=1).view(y.shape[0], 6, -1))),

@@ -47,7 +47,12 @@ UNKNOWN = "a number or shape involving the batch size"
 def is_shape_query(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in SHAPE_ATTRS
-    return node.op == "call_method" and node.target in ("size", "dim", "numel", "type")
+    return node.op == "call_method" and (node.target in ("size", "dim", "numel") or is_type_query(node))
+
+
+def is_type_query(node: fx.Node) -> bool:
+    """`x.type()` without a dtype returns a string; `x.type(dtype)` is a cast (a tensor on the gradient path)."""
+    return node.op == "call_method" and node.target == "type" and len(node.args) == 1 and not node.kwargs
 
 
 @dataclass

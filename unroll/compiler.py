@@ -41,7 +41,8 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, output: Any = N
 def _is_non_differentiable(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _SHAPE_ATTRS
-    return node.op in ("call_function", "call_method") and node.target in rules.NON_DIFFERENTIABLE
+    return (node.op in ("call_function", "call_method") and node.target in rules.NON_DIFFERENTIABLE
+            or batchness.is_type_query(node))
 
 
 class Step:

@@ -24,7 +24,7 @@ from .batchness import LIKE, NEW_FACTORIES
 RULES: dict[object, Callable] = {}
 LAYERS: set[object] = set()  # ops whose output is a layer output z for LRP-epsilon (conv, linear, batch norm)
 ACTIVATIONS: dict[object, Callable] = {}  # op -> its out-of-place function of (step, z), for LRP-epsilon
-NON_DIFFERENTIABLE: set[object] = {"size", "dim", "numel", "type", "__eq__", "__ne__", operator.eq, operator.ne,
+NON_DIFFERENTIABLE: set[object] = {"size", "dim", "numel", "__eq__", "__ne__", operator.eq, operator.ne,
                                    operator.gt, operator.lt, operator.ge, operator.le, torch.argmax, "argmax",
                                    *LIKE, *NEW_FACTORIES}  # (factories read only shapes: torch.ones_like(y))
 
@@ -412,7 +412,7 @@ def identity(r):
     return r.q
 
 
-@rule("float", "double", "half", "bfloat16", "to", "type_as")
+@rule("float", "double", "half", "bfloat16", "to", "type_as", "type")
 def cast(r):
     """A floating-point cast (or device move): the cotangent goes back to the input's dtype and device, as in
     autograd. A cast to an integer or bool dtype is refused when it runs."""
