@@ -56,7 +56,7 @@ from unroll.segmentation.resolve import (DEFAULT_THRESHOLDS, RESOLVES, normalize
                                          threshold_sweep)
 from unroll.segmentation.wsss_metrics import TAU_CAM, wsss_metrics
 
-__all__ = ["train_tensor_classifier", "perturb", "Perturb", "run", "main", "METHOD_ORDER", "TABLES"]
+__all__ = ["train_tensor_classifier", "classifier_scores", "console", "perturb", "Perturb", "run", "main", "METHOD_ORDER", "TABLES"]
 
 # Piped output (logs, CI) gets 130 columns instead of rich's 80, so the tables are not wrapped cell by cell.
 console = Console(width=None if sys.stdout.isatty() else 130)
