@@ -317,6 +317,118 @@ def test_replaced_different_submodule_is_refused(change):
         net(torch.rand(2, 3, 8, 8))
 
 
+@pytest.mark.parametrize("pool", ["max", "adaptive"])
+def test_replaced_max_pool_is_checked(pool):
+    """A max pool's call is replaced by F.max_pool2d(..., return_indices=True) with the module's settings copied
+    in: the module is still checked like any leaf. Another type (or settings) is refused; an identical one works."""
+    model = randomised(Normalised())
+    if pool == "adaptive":
+        model.gap = nn.AdaptiveMaxPool2d(1)
+    path, same, other = (("pool", nn.MaxPool2d(2), nn.AvgPool2d(2)) if pool == "max" else
+                         ("gap", nn.AdaptiveMaxPool2d(1), nn.AdaptiveAvgPool2d(1)))
+    net = unroll.compile(model)
+    setattr(model, path, same)
+    check_exact(net, model, x64())
+    setattr(model, path, other)
+    with pytest.raises(unroll.StaleModelError, match=f"model.{path} was replaced"):
+        net(x64())
+    if pool == "max":
+        model.pool = nn.MaxPool2d(3, stride=2)  # the same type, other settings
+        with pytest.raises(unroll.StaleModelError, match="kernel_size=3"):
+            net(x64())
+        model.pool = nn.MaxPool2d(2)
+        buf = io.BytesIO()
+        torch.save(net, buf)  # the check survives pickling
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        loaded.model.pool = nn.AvgPool2d(2)
+        with pytest.raises(unroll.StaleModelError, match="model.pool was replaced"):
+            loaded(x64())
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: a BatchNorm2d subclass (traced through, not a leaf) calling F.batch_norm with
+    its own .training, which fx records as a Python bool."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                                   self.momentum, self.eps))
+
+
+class TracedModes(nn.Module):
+    def __init__(self, dropout: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = BatchNormAct(8)
+        self.dropout = dropout
+        self.fc = nn.Linear(8, K)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if self.dropout:
+            h = F.dropout(h, 0.3, training=self.training)
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("compiled_in", ["eval", "train"])
+def test_a_mode_read_by_traced_code_is_checked(compiled_in, dropout):
+    """`.training` read by traced code is fixed in the graph: switching the mode after compiling is refused (it
+    was silently ignored); switching back works again."""
+    model = randomised(TracedModes(dropout)).train(compiled_in == "train")
+    net = unroll.compile(model)
+    other = "eval" if compiled_in == "train" else "train"
+    assert net.compiled.snapshot.modes == ({"": compiled_in == "train"} if dropout else {}) | {
+        "bn": compiled_in == "train"}
+    with torch.no_grad():
+        net(x64())
+    net.train(other == "train")  # the compiled module's mode is its model's
+    with pytest.raises(unroll.StaleModelError, match=f"model.bn was compiled in {compiled_in} mode, now in {other}"):
+        net(x64())
+    net.train(compiled_in == "train")
+    if dropout:  # the root's own flag, read for F.dropout
+        model.train(other == "train")
+        model.bn.train(compiled_in == "train")
+        with pytest.raises(unroll.StaleModelError, match=f"the model was compiled in {compiled_in} mode"):
+            net(x64())
+        model.train(compiled_in == "train")
+    if compiled_in == "eval":
+        check_exact(net, model, x64())
+    unroll.compile(model.train(other == "train"))(x64())  # compiling in the mode you run
+
+
+def test_leaf_modules_follow_the_mode_at_run_time():
+    """Leaf modules (nn.BatchNorm2d, the containers around them) read .training when they run, not when traced:
+    torchvision's resnet18 compiled in eval and switched to train is exact against autograd with the batch
+    statistics held constant (as documented)."""
+    import torchvision
+
+    model = randomised(torchvision.models.resnet18(num_classes=K))
+    net = unroll.compile(model)
+    assert net.compiled.snapshot.modes == {}
+    model.train()
+    x = x64(3, 32)
+    with torch.no_grad():
+        out = net(x)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def frozen(bn):
+        def forward(z):
+            mean, var = z.mean((0, 2, 3)).detach(), z.var((0, 2, 3), unbiased=False).detach()
+            return F.batch_norm(z, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return forward
+
+    for bn in bns:
+        bn.forward = frozen(bn)
+    try:
+        ref, logits = autograd_heatmaps(model, x)
+    finally:
+        for bn in bns:
+            del bn.forward
+    assert relative_error(out.logits, logits) < 1e-12
+    assert relative_error(out.heatmaps, ref) < 1e-10
+
+
 def test_deepcopy_is_an_independent_working_copy():
     model = randomised(Normalised())
     net = unroll.compile(model)

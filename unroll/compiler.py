@@ -150,6 +150,8 @@ class Step:
             out = graph.call_function(operator.getitem, (both, 0))
             extra = graph.call_function(operator.getitem, (both, 1))
         out.meta = dict(old.meta)
+        if old.op == "call_module":  # its settings are now copied into the call: the snapshot checks the module
+            self.em.inlined.add(old.target)
         old.replace_all_uses_with(out)
         graph.erase_node(old)
         em = self.em  # the analysis sets and the logits must name the new node (the output may be this op)
@@ -172,6 +174,7 @@ class Emitter:
         self.tracer = fx.proxy.GraphAppendingTracer(self.dec)  # one tracer: proxies from rules must mix freely
         self.saved: list[tuple[fx.Node, bool]] = []  # forward values the decoder reads, in placeholder order
         self.shapes: dict[fx.Node, fx.Proxy] = {}
+        self.inlined: set[str] = set()  # call_module targets a rule replaced by a function call (Step._rewrite)
         self._attrs: dict[str, fx.Proxy] = {}
         self._last_placeholder = None
         self.seed = self._placeholder("seed")
@@ -412,12 +415,15 @@ def _reroot(graph: fx.Graph) -> fx.Graph:
 
 class _Snapshot:
     """The submodules the graphs reach, as they were at compile time (weakly: identity, type, hyperparameters), so
-    that a submodule replaced after compiling is either still what the graphs were built for or a clear error."""
+    that a submodule replaced after compiling is either still what the graphs were built for or a clear error; and
+    the `.training` flags the trace read (`modes`, path -> flag, '' the root: unroll.tracing.training_reads), which
+    the graphs hold fixed, so a module switched to the other mode is a clear error too."""
 
-    def __init__(self, model: nn.Module, leaves: set[str], reached: set[str]):
+    def __init__(self, model: nn.Module, leaves: set[str], reached: set[str], modes: dict[str, bool] | None = None):
         self.leaves = frozenset(leaves)
+        self.modes = dict(modes or {})
         paths = set()
-        for path in reached | leaves:
+        for path in reached | leaves | {p for p in self.modes if p}:
             parts = path.split(".")
             paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
         self.paths = sorted(paths, key=lambda p: (p.count("."), p))  # parents before children
@@ -429,7 +435,7 @@ class _Snapshot:
             self.was[path] = _config(m) if path in self.leaves else type(m).__name__
 
     def bind(self, model: nn.Module) -> "_Snapshot":
-        return _Snapshot(model, set(self.leaves), set(self.paths))
+        return _Snapshot(model, set(self.leaves), set(self.paths), self.modes)
 
     def stale(self, model: nn.Module) -> str | None:
         """None if every submodule the graphs use is the compiled one (or a same-type, same-hyperparameter
@@ -455,7 +461,18 @@ class _Snapshot:
             if now != self.was[path]:
                 return f"model.{path} was replaced: compiled for {self.was[path]}, now {now}"
             self.refs[path] = weakref.ref(m)  # an equivalent module: it takes effect (the graph reads it live)
+        for path, was in self.modes.items():
+            now = getattr(resolved[path], "training", was)
+            if now != was:
+                where = f"model.{path}" if path else "the model"
+                return (f"{where} was compiled in {_mode(was)} mode, now in {_mode(now)} mode (the traced forward "
+                        f"read its .training, so the graphs compute the {_mode(was)}-mode function; compile in the "
+                        "mode you run)")
         return None
+
+
+def _mode(training: bool) -> str:
+    return "train" if training else "eval"
 
 
 def _resolve(model: nn.Module, path: str):
@@ -503,7 +520,7 @@ class Compiled:
         # read: unpickled, they are bound to the unpickled model. Nothing is traced again.
         graphs = (_picklable(g.graph) for g in (self.encoder, self.decoder, self.gradient_decoder))
         return (_unpickle_compiled, (self.model, *graphs, self.batched, self.rules, sorted(self.snapshot.leaves),
-                                     self.snapshot.paths, self.input_shape))
+                                     self.snapshot.paths, self.input_shape, self.snapshot.modes))
 
     def stale(self, model: nn.Module) -> str | None:
         if self.model is not model:
@@ -552,9 +569,10 @@ def _picklable(graph: fx.Graph) -> fx.Graph:
     return out
 
 
-def _unpickle_compiled(model, encoder, decoder, gradient_decoder, batched, ruleset, leaves, paths, input_shape):
+def _unpickle_compiled(model, encoder, decoder, gradient_decoder, batched, ruleset, leaves, paths, input_shape,
+                       modes=None):
     return Compiled(model, encoder, decoder, gradient_decoder, batched, ruleset,
-                    _Snapshot(model, set(leaves), set(paths)), input_shape)
+                    _Snapshot(model, set(leaves), set(paths), modes), input_shape)
 
 
 class UnrolledOutput(NamedTuple):
@@ -684,8 +702,8 @@ class Unrolled(nn.Module):
         """Raise StaleModelError if the model changed in a way the compiled graphs cannot follow."""
         reason = self.compiled.stale(self.model)
         if reason is not None:
-            raise StaleModelError(f"{reason}, after unroll.compile. The compiled graphs were built for the old "
-                                  "structure; compile again: unroll.compile(model, ...).")
+            raise StaleModelError(f"{reason}, after unroll.compile. The compiled graphs were built for the model as "
+                                  "it was then; compile again: unroll.compile(model, ...).")
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Run the forward pass once: logits and what the decoder needs."""
@@ -811,7 +829,7 @@ def compile(model: nn.Module, rules: rulesets.RuleSet | str | None = None, *,
     heatmaps, gradients = emitter.emit()
     for g in (heatmaps, gradients):
         fold_channel_scales(g)
-    snapshot = _snapshot(model, (graph, heatmaps, gradients))
+    snapshot = _snapshot(model, (graph, heatmaps, gradients), emitter.inlined)
     compiled = Compiled(model, *(_reroot(g) for g in (graph, heatmaps, gradients)), [b for _, b in emitter.saved],
                         ruleset, snapshot, tracing.served_shape(graph))
     return Unrolled(model, compiled, classes_per_chunk, checkpoint)
@@ -834,10 +852,13 @@ def _ruleset(rules_, rule: str | None, epsilon: float | None) -> rulesets.RuleSe
     return rulesets.epsilon(epsilon)
 
 
-def _snapshot(model: nn.Module, graphs: Sequence[fx.Graph]) -> _Snapshot:
-    """Which submodules the graphs call or read (before their targets are rerooted)."""
-    leaves, reached = set(), set()
+def _snapshot(model: nn.Module, graphs: Sequence[fx.Graph], inlined: set[str] = frozenset()) -> _Snapshot:
+    """Which submodules the graphs call or read (before their targets are rerooted); `inlined`: modules whose call a
+    rule replaced by a function with their settings (F.max_pool2d for nn.MaxPool2d), checked like any leaf; and the
+    `.training` flags the traces read."""
+    leaves, reached, modes = set(inlined), set(), {}
     for g in graphs:
+        modes.update(tracing.training_reads(g))
         for node in g.nodes:
             if node.op == "call_module":
                 leaves.add(node.target)
@@ -847,7 +868,7 @@ def _snapshot(model: nn.Module, graphs: Sequence[fx.Graph]) -> _Snapshot:
                     leaves.add(node.target)
                 elif "." in node.target:
                     reached.add(node.target.rsplit(".", 1)[0])
-    return _Snapshot(model, leaves, reached)
+    return _Snapshot(model, leaves, reached, modes)
 
 
 def fold_channel_scales(graph: fx.Graph) -> None:

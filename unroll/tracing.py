@@ -17,6 +17,7 @@ torch.fx symbolic tracing, with what ordinary model code needs on top:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import os
@@ -128,6 +129,7 @@ class _Tracer(fx.Tracer):
         self.decisions: list[Decision] = []
         self._input: fx.Node | None = None
         self._direct = 0  # >0 while a leaf module runs on concrete values: no tracing inside it
+        self.training_reads: dict[int, tuple[nn.Module, bool]] = {}  # id -> (module, the .training value read)
 
     # ---------------------------------------------------------------- building the graph (and values)
 
@@ -344,7 +346,8 @@ def _trace(model: nn.Module, example: torch.Tensor | None, output: Any) -> fx.Gr
     tracer = _Tracer(example, _input_name(model), output)
     state = _snapshot(model) if example is not None else None
     try:
-        graph = tracer.trace(model)
+        with _reading_training_flags(model, tracer):
+            graph = tracer.trace(model)
     except (UnsupportedModelError, _NeedsExample):
         raise
     except Exception as e:  # fx raises TraceError, TypeError, ... e.g. for a proxy passed where an int is needed
@@ -357,7 +360,63 @@ def _trace(model: nn.Module, example: torch.Tensor | None, output: Any) -> fx.Gr
             _restore(model, state)
     if tracer.decisions:
         _add_guard(graph, tracer, example)
+    paths: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), name)
+    graph._unroll_training_reads = {paths[i]: value for i, (m, value) in tracer.training_reads.items() if i in paths}
     return graph
+
+
+def training_reads(graph: fx.Graph) -> dict[str, bool]:
+    """The modules whose `.training` the trace read ('' = the root), with the value read: fx records a Python bool
+    into the graph (`F.batch_norm(..., self.training)`, `F.dropout(training=self.training)`, `if self.training:`),
+    so the graph computes that mode's function whatever the module's mode later. Leaf modules called as such
+    (nn.BatchNorm2d, nn.Dropout) are not among them: their forward runs at call time and reads the live flag."""
+    return dict(getattr(graph, "_unroll_training_reads", {}))
+
+
+class _TrainingFlag:
+    """A data descriptor set on the model's module classes while tracing: `.training` reads as usual (the
+    instance's own value) and, outside a leaf module running on the example, is recorded by the tracer."""
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        try:
+            value = obj.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
+        if _READERS and not _READERS[-1]._direct:
+            _READERS[-1].training_reads.setdefault(id(obj), (obj, value))
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__["training"] = value
+
+    def __delete__(self, obj):
+        del obj.__dict__["training"]
+
+
+_FLAG = _TrainingFlag()
+_READERS: list = []  # the tracers recording (a stack: a trace inside a trace records into the inner one)
+
+
+@contextlib.contextmanager
+def _reading_training_flags(model: nn.Module, tracer: "_Tracer"):
+    """While tracing, record every read of a module's `.training` (see training_reads). A class that defines
+    `training` itself (a property, a class attribute) is left alone: its reads are not seen."""
+    classes = {type(m) for m in model.modules()}
+    patched = [c for c in classes if not any("training" in k.__dict__ for k in c.__mro__)]
+    for c in patched:
+        type.__setattr__(c, "training", _FLAG)
+    _READERS.append(tracer)
+    try:
+        yield
+    finally:
+        _READERS.remove(tracer)
+        for c in patched:
+            if c.__dict__.get("training") is _FLAG:
+                type.__delattr__(c, "training")
 
 
 def _snapshot(model: nn.Module):
