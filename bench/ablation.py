@@ -87,6 +87,20 @@ ROWS: tuple[Row, ...] = (
     Row("mt-unet+steps600", "budget", ("--steps", "600", "--eval-every", "50"), "multi-task U-Net, 600 steps",
         model="mt-unet"),
     Row("steps2000", "budget", ("--steps", "2000", "--eval-every", "100"), "2,000 steps"),
+    Row("bgc30+steps2000", "budget", ("--background", "constant", "--calibration-lr", "30", "--steps", "2000",
+                                      "--eval-every", "100"), "constant background, 30x calibration lr, 2,000 steps"),
+    Row("unet+steps2000", "budget", ("--steps", "2000", "--eval-every", "100"), "U-Net, 2,000 steps", model="unet"),
+    Row("mt-unet+steps2000", "budget", ("--steps", "2000", "--eval-every", "100"), "multi-task U-Net, 2,000 steps",
+        model="mt-unet"),
+    # The reference code's training gradient (unroll.reference: LRP-epsilon relevance on live activations, aliased
+    # tied weights stepped twice, overwriting unpooling), alone and within the reference code's recipe, each paired
+    # with the exact gradient under the same recipe: the pair isolates what the inexact gradient does.
+    Row("ref-grad", "gradient", ("--gradient", "reference"), "the reference code's gradient, our recipe"),
+    Row("ref-recipe", "gradient", ("--cls-loss", "reference", "--input", "offset", "--heatmap-scale", "1"),
+        "the reference's recipe (soft-margin loss x batch, offset input, plain heatmaps), exact gradient"),
+    Row("ref-recipe+ref-grad", "gradient", ("--cls-loss", "reference", "--input", "offset", "--heatmap-scale", "1",
+                                            "--gradient", "reference"),
+        "the reference's recipe with its gradient"),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 

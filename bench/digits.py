@@ -40,7 +40,7 @@ from zoo import segmentation as bench_models
 from bench.cli import Help, integer, number
 from zoo.segmentation import TIED  # models whose maps are heatmaps of the classifier
 from unroll.segmentation.classifier import train_classifier
-from unroll.segmentation.train import BALANCES, TrainConfig, evaluate, predict, stable_seed, train
+from unroll.segmentation.train import BALANCES, CLS_LOSSES, TrainConfig, evaluate, predict, stable_seed, train
 
 __all__ = ["main", "build_parser", "plan", "DEFAULT_MODELS"]
 
@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "plain heatmaps) or 'learn' (one learnable temperature, initialised at --init-scale)")
     g.add_argument("--init-scale", type=_positive_float, default=10.0, help="initial learnable heatmap scale")
     g.add_argument("--epsilon", type=_positive_float, default=1e-2, help="LRP-epsilon's epsilon (unrolled-eps)")
+    g.add_argument("--cls-loss", choices=CLS_LOSSES, default="bce",
+                   help="image-level loss: 'bce' (ours, mean over classes) or 'reference' (the reference code's "
+                        "multilabel soft margin times the batch size)")
+    g.add_argument("--gradient", choices=("exact", "reference"), default="exact",
+                   help="the unrolled model's training gradient: 'exact' (unroll.compile, input x gradient) or "
+                        "'reference' (the reference code's, unroll.reference: LRP-epsilon relevance on live "
+                        "activations, aliased tied weights, overwriting unpooling)")
     g.add_argument("--background", choices=bench_models.BACKGROUNDS, default="heatmap",
                    help="tied models: the background map is the background class's heatmap, or one learnable "
                         "constant (a threshold the object heatmaps must exceed)")
@@ -216,6 +223,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--size {args.size} is too small for digit scenes (at least 8)")
     if args.widths is not None and args.backbone != "small_vgg":
         raise ValueError("--widths applies to --backbone small_vgg only")
+    if args.gradient != "exact" and "unrolled" not in args.models:
+        raise ValueError("--gradient applies to the 'unrolled' model; --models has none")
     if args.seg_weight == 0 and args.cls_weight == 0:
         raise ValueError("--seg-weight and --cls-weight cannot both be 0")
     return args
@@ -303,6 +312,8 @@ def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
                     "figures": not args.no_figures and seed == 0, "keep": args.keep_checkpoints,
                     "heatmap_scale": args.heatmap_scale, "init_scale": args.init_scale, "epsilon": args.epsilon,
                     **({"background": args.background, "bn": args.bn} if model in TIED else {}),
+                    # only when not the default: a run cached before the flag existed stays the same run
+                    **({"gradient": args.gradient} if model == "unrolled" and args.gradient != "exact" else {}),
                     "train": asdict(TrainConfig(steps=args.steps, batch_size=args.batch_size,
                                                 pixel_fraction=args.pixel_fraction, lr=lr,
                                                 min_lr=lr if args.schedule == "constant" else lr / 10,
@@ -310,6 +321,7 @@ def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
                                                 seg_weight=args.seg_weight, cls_weight=args.cls_weight,
                                                 background_weight=args.background_weight,
                                                 calibration_lr_scale=args.calibration_lr,
+                                                cls_loss=args.cls_loss,
                                                 balance=args.balance if model in TIED or model == "mt-unet"
                                                 else "sum",
                                                 eval_every=args.eval_every,
@@ -419,6 +431,10 @@ def run_task(task: dict, resume: bool = False, report=None) -> dict:
         clf.load_state_dict(torch.load(Path(task["classifier_dir"]) / "classifier.pt", weights_only=True))
         torch.manual_seed(stable_seed(task["seed"], task["labels"], task["model"]))
         tied = {k: task[k] for k in ("background", "bn") if k in task}
+        if task.get("gradient") == "reference":
+            from unroll import reference
+
+            tied["gradient"] = reference.ReferenceGradient()
         model = bench_models.build(task["model"], clf, NUM_CLASSES, epsilon=task["epsilon"],
                                    heatmap_scale=task["heatmap_scale"], init_scale=task["init_scale"], **tied)
         pixel_set = Subset(data["train_input"], labelled_indices(len(data["train"]), task["labels"], task["seed"]))

@@ -39,7 +39,7 @@ from bench.cli import class_chunks, integer, number
 from bench.protocol import OURS, Protocol
 from unroll.segmentation.train import stable_seed
 from unroll.segmentation.transforms import denormalize
-from zoo.segmentation import SEG_MODELS, TIED
+from zoo.segmentation import BACKGROUNDS, SEG_MODELS, TIED
 
 __all__ = ["MODELS", "Experiment", "add_arguments", "check", "run", "load_trained", "Progress",
            "report_problems"]
@@ -103,6 +103,9 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
                    help="factor on the tied models' heatmaps before the CE (1 = the paper), or 'learn'")
     g.add_argument("--init-scale", type=number(0.0, True), default=1.0, help="initial value of a learnt scale")
     g.add_argument("--epsilon", type=number(0.0, True), default=1e-2, help="LRP-epsilon's epsilon (unrolled-eps)")
+    g.add_argument("--background", choices=BACKGROUNDS, default="heatmap",
+                   help="tied models: the background map is the background class's heatmap, or one learnable "
+                        "constant (a threshold the object heatmaps must exceed; see bench.ablation)")
     g.add_argument("--classes-per-chunk", type=class_chunks, default="auto",
                    help="tied models: decode N classes at a time (N, 'none' = one pass, 'auto' = one pass "
                         "on CUDA); same numbers, less memory: see the README's memory table")
@@ -129,6 +132,9 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
                    help="AdamW weight decay (weights only, not biases / BatchNorm), both stages" + note)
     g.add_argument("--seg-weight", type=number(0.0, False), default=1.0, help="weight of the pixel-wise CE")
     g.add_argument("--cls-weight", type=number(0.0, False), default=1.0, help="weight of the sigmoid CE")
+    g.add_argument("--calibration-lr", type=number(0.0, True), default=1.0,
+                   help="lr factor of the tied models' calibration scalars (learnt heatmap scale, constant background "
+                        "level): Adam moves a scalar by about lr per step, 1e-5 x 10,000 steps cannot move a scale")
     default, note = by_protocol("eval_every", 1000)
     g.add_argument("--eval-every", type=integer(1), default=default,
                    help="checkpoint (and held-out evaluation) interval" + note)
@@ -182,6 +188,9 @@ def check(args: argparse.Namespace) -> None:
     if args.model not in TIED and (args.classes_per_chunk != "auto" or args.decoder_checkpoint):
         raise ValueError(f"--classes-per-chunk / --decoder-checkpoint apply to the tied models ({', '.join(TIED)}); "
                          f"--model {args.model} has a free decoder")
+    if args.model not in TIED and args.background != "heatmap":
+        raise ValueError(f"--background {args.background} applies to the tied models ({', '.join(TIED)}), "
+                         f"not --model {args.model}")
     if args.resume and args.overwrite:
         raise ValueError("give --resume or --overwrite, not both")
 
@@ -278,7 +287,8 @@ def steps_from(steps, epochs, pool_size: int, rows: int, default: int) -> int:
 def model_kwargs(args) -> dict:
     """zoo.segmentation.build's keyword arguments from the flags (stored in checkpoints for load_trained)."""
     return {"epsilon": args.epsilon, "heatmap_scale": args.heatmap_scale, "init_scale": args.init_scale,
-            "classes_per_chunk": args.classes_per_chunk, "checkpoint": args.decoder_checkpoint}
+            "classes_per_chunk": args.classes_per_chunk, "checkpoint": args.decoder_checkpoint,
+            "background": args.background}
 
 
 def training_gradient(args, exp: Experiment):
@@ -604,7 +614,8 @@ def run(args, load: Callable[..., Experiment], console, rank: int, world: int, d
         steps = steps_from(args.steps, args.epochs, len(exp.image), rows_image, args.default_steps)
         cfg = TrainConfig(steps=steps, batch_size=args.batch_size, pixel_fraction=args.pixel_fraction, lr=args.lr,
                           min_lr=args.lr, weight_decay=args.weight_decay, seg_weight=args.seg_weight,
-                          cls_weight=args.cls_weight, eval_every=min(args.eval_every, steps),
+                          cls_weight=args.cls_weight, calibration_lr_scale=args.calibration_lr,
+                          eval_every=min(args.eval_every, steps),
                           eval_batch_size=args.eval_batch_size, select="miou", cls_loss=protocol.cls_loss,
                           seed=stable_seed(args.seed, args.labels, "batches"), num_workers=workers)
         on_eval = None

@@ -60,3 +60,16 @@ def test_bad_rows_refused(capsys):
     assert "unknown row 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ablation.main(["--extra", "x=--no-such-flag"])
+
+
+def test_reference_gradient_rows_change_the_gradient_only(quick_run):
+    """ref-grad trains with unroll.reference's gradient: on the same classifier and batches its first loss (before any
+    step: the heatmap values, LRP-epsilon = input x gradient up to 1e-8 on SmallVGG's non-overlapping pools) equals the
+    exact row's, and the losses after the first update differ (a different gradient)."""
+    _, res = quick_run
+    runs = {r["task"].get("row"): r for r in res["runs"] if r["task"]["kind"] == "seg"}
+    for exact, ref in (("base", "ref-grad"), ("ref-recipe", "ref-recipe+ref-grad")):
+        a, b = runs[exact], runs[ref]
+        assert "gradient" not in a["task"] and b["task"]["gradient"] == "reference"
+        assert a["step_loss"][0] == pytest.approx(b["step_loss"][0], rel=1e-5)
+        assert max(abs(x - y) for x, y in zip(a["step_loss"][1:], b["step_loss"][1:])) > 1e-4

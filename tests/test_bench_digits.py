@@ -101,6 +101,7 @@ def test_cli_resume_matches_uninterrupted(tiny_run, tmp_path, monkeypatch):
     (["--heatmap-scale", "-1"], "positive number or 'learn'"),
     (["--pixel-fraction", "1"], "strictly between 0 and 1"),
     (["--labels", "5000"], "exceed the"),
+    (["--gradient", "reference", "--models", "unet"], "--gradient applies to the 'unrolled' model"),
 ])
 def test_bad_flags_exit_2_with_a_message(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
