@@ -92,6 +92,14 @@ ROWS: tuple[Row, ...] = (
     Row("unet+steps2000", "budget", ("--steps", "2000", "--eval-every", "100"), "U-Net, 2,000 steps", model="unet"),
     Row("mt-unet+steps2000", "budget", ("--steps", "2000", "--eval-every", "100"), "multi-task U-Net, 2,000 steps",
         model="mt-unet"),
+    # The classifier's presence as a prior on the maps (zoo.segmentation: log sigmoid(logit_k) added to class k's map)
+    Row("prior", "presence", ("--presence", "prior"), "log sigmoid(logit) added to each object map"),
+    Row("prior-detached", "presence", ("--presence", "prior-detached"), "the same prior, no gradient through it"),
+    Row("bgc30+prior", "presence", ("--background", "constant", "--calibration-lr", "30", "--presence", "prior"),
+        "constant background, 30x calibration lr, presence prior"),
+    Row("bgc30+prior-detached", "presence", ("--background", "constant", "--calibration-lr", "30", "--presence",
+                                             "prior-detached"),
+        "constant background, 30x calibration lr, detached presence prior"),
     # The reference code's training gradient (unroll.reference: LRP-epsilon relevance on live activations, aliased
     # tied weights stepped twice, overwriting unpooling), alone and within the reference code's recipe, each paired
     # with the exact gradient under the same recipe: the pair isolates what the inexact gradient does.

@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--background", choices=bench_models.BACKGROUNDS, default="heatmap",
                    help="tied models: the background map is the background class's heatmap, or one learnable "
                         "constant (a threshold the object heatmaps must exceed)")
+    g.add_argument("--presence", choices=bench_models.PRESENCES, default="none",
+                   help="tied models: 'prior' adds the classifier's log sigmoid(logit) to each object class's map "
+                        "(a class called absent needs a larger heatmap to win a pixel); 'prior-detached' the same "
+                        "without its gradient; 'none' the paper's maps")
     g.add_argument("--calibration-lr", type=_positive_float, default=1.0,
                    help="lr factor of the tied models' calibration scalars (learned heatmap temperature, "
                         "constant background level)")
@@ -223,6 +227,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--size {args.size} is too small for digit scenes (at least 8)")
     if args.widths is not None and args.backbone != "small_vgg":
         raise ValueError("--widths applies to --backbone small_vgg only")
+    if args.presence != "none" and not set(args.models) & set(TIED):
+        raise ValueError(f"--presence applies to the tied models ({', '.join(TIED)}); --models has none")
     if args.gradient != "exact" and "unrolled" not in args.models:
         raise ValueError("--gradient applies to the 'unrolled' model; --models has none")
     if args.seg_weight == 0 and args.cls_weight == 0:
@@ -314,6 +320,7 @@ def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
                     **({"background": args.background, "bn": args.bn} if model in TIED else {}),
                     # only when not the default: a run cached before the flag existed stays the same run
                     **({"gradient": args.gradient} if model == "unrolled" and args.gradient != "exact" else {}),
+                    **({"presence": args.presence} if model in TIED and args.presence != "none" else {}),
                     "train": asdict(TrainConfig(steps=args.steps, batch_size=args.batch_size,
                                                 pixel_fraction=args.pixel_fraction, lr=lr,
                                                 min_lr=lr if args.schedule == "constant" else lr / 10,
@@ -430,7 +437,7 @@ def run_task(task: dict, resume: bool = False, report=None) -> dict:
         clf = _make_classifier({**task, "weights": None})
         clf.load_state_dict(torch.load(Path(task["classifier_dir"]) / "classifier.pt", weights_only=True))
         torch.manual_seed(stable_seed(task["seed"], task["labels"], task["model"]))
-        tied = {k: task[k] for k in ("background", "bn") if k in task}
+        tied = {k: task[k] for k in ("background", "bn", "presence") if k in task}
         if task.get("gradient") == "reference":
             from unroll import reference
 

@@ -39,7 +39,7 @@ from bench.cli import class_chunks, integer, number
 from bench.protocol import OURS, Protocol
 from unroll.segmentation.train import stable_seed
 from unroll.segmentation.transforms import denormalize
-from zoo.segmentation import BACKGROUNDS, SEG_MODELS, TIED
+from zoo.segmentation import BACKGROUNDS, PRESENCES, SEG_MODELS, TIED
 
 __all__ = ["MODELS", "Experiment", "add_arguments", "check", "run", "load_trained", "Progress",
            "report_problems"]
@@ -106,6 +106,9 @@ def add_arguments(p: argparse.ArgumentParser, *, default_out: str, default_backb
     g.add_argument("--background", choices=BACKGROUNDS, default="heatmap",
                    help="tied models: the background map is the background class's heatmap, or one learnable "
                         "constant (a threshold the object heatmaps must exceed; see bench.ablation)")
+    g.add_argument("--presence", choices=PRESENCES, default="none",
+                   help="tied models: 'prior' adds the classifier's log sigmoid(logit) to each object class's map, "
+                        "'prior-detached' the same without its gradient; 'none' the paper's maps")
     g.add_argument("--classes-per-chunk", type=class_chunks, default="auto",
                    help="tied models: decode N classes at a time (N, 'none' = one pass, 'auto' = one pass "
                         "on CUDA); same numbers, less memory: see the README's memory table")
@@ -188,6 +191,9 @@ def check(args: argparse.Namespace) -> None:
     if args.model not in TIED and (args.classes_per_chunk != "auto" or args.decoder_checkpoint):
         raise ValueError(f"--classes-per-chunk / --decoder-checkpoint apply to the tied models ({', '.join(TIED)}); "
                          f"--model {args.model} has a free decoder")
+    if args.model not in TIED and args.presence != "none":
+        raise ValueError(f"--presence {args.presence} applies to the tied models ({', '.join(TIED)}), "
+                         f"not --model {args.model}")
     if args.model not in TIED and args.background != "heatmap":
         raise ValueError(f"--background {args.background} applies to the tied models ({', '.join(TIED)}), "
                          f"not --model {args.model}")
@@ -288,7 +294,7 @@ def model_kwargs(args) -> dict:
     """zoo.segmentation.build's keyword arguments from the flags (stored in checkpoints for load_trained)."""
     return {"epsilon": args.epsilon, "heatmap_scale": args.heatmap_scale, "init_scale": args.init_scale,
             "classes_per_chunk": args.classes_per_chunk, "checkpoint": args.decoder_checkpoint,
-            "background": args.background}
+            "background": args.background, "presence": args.presence}
 
 
 def training_gradient(args, exp: Experiment):

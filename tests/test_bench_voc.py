@@ -168,6 +168,7 @@ def test_missing_data_exits_2(tmp_path, capsys):
     (["--model", "unet", "--decoder-checkpoint"], "apply to the tied models"),
     (["--model", "fcn", "--classes-per-chunk", "3"], "apply to the tied models"),
     (["--model", "unet", "--background", "constant"], "applies to the tied models"),
+    (["--model", "fcn", "--presence", "prior"], "applies to the tied models"),
     (["--calibration-lr", "0"], "--calibration-lr"),
 ])
 def test_bad_flags_are_usage_errors(bad, message, tmp_path, capsys):
@@ -242,18 +243,19 @@ def test_voc_table_dry_run_and_tables(tmp_path, capsys):
     assert "| unrolled | 60.0 ± 14.1 | - |" in text and "| unet | - | - |" in text
 
 
-def test_constant_background_and_calibration_lr_reach_the_model(voc_root, clf_dir, tmp_path):
+def test_constant_background_presence_and_calibration_lr_reach_the_model(voc_root, clf_dir, tmp_path):
     """--background constant / --calibration-lr: the run trains that model (its background level moves at the
     scaled lr) and the checkpoint rebuilds it (load_trained) with the level it learnt."""
     from bench.runner import load_trained
 
     out = tmp_path / "bgc"
     assert cli.main(flags(voc_root, out, clf_dir, "unrolled", "--no-figures", "--background", "constant",
-                          "--heatmap-scale", "learn", "--calibration-lr", "1000", "--lr", "1e-4")) == 0
+                          "--presence", "prior", "--heatmap-scale", "learn", "--calibration-lr", "1000", "--lr", "1e-4")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["background"] == "constant" and m["config"]["calibration_lr"] == 1000
     model, meta = load_trained(out / "ckpt.pt")
     assert model.background == "constant" and meta["model_kwargs"]["background"] == "constant"
+    assert model.presence == "prior" and meta["model_kwargs"]["presence"] == "prior"
     level = float(model.background_level.detach())
     # two AdamW steps at 1000 x 1e-4 = 0.1 each move the level (initialised at 0) by ~0.2; 1e-4 alone by ~2e-4
     assert 0.05 < abs(level) < 0.5, level

@@ -3,6 +3,7 @@ lr, constant background map, BatchNorm modes, the offset input, and run caching 
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench import digits
 from unroll.segmentation import train as T
@@ -136,3 +137,37 @@ def test_cached_runs_survive_a_new_trainconfig_field_at_its_default(tmp_path):
     assert digits._identity(task) == digits._identity(newer)
     other = {**task, "train": {**task["train"], "calibration_lr_scale": 30.0}}
     assert digits._identity(task) != digits._identity(other)
+
+
+@pytest.mark.parametrize("presence", ["prior", "prior-detached"])
+@pytest.mark.parametrize("samples", [None, [2, 0]])
+def test_presence_prior_adds_log_sigmoid_of_each_rows_logit(presence, samples):
+    """Object map k of row b = scaled heatmap + log sigmoid(logit[b, k]); the background map unchanged; rows picked by
+    samples get their own row's logits. 'prior' sends gradient into the logits through the prior, 'prior-detached'
+    none (its gradient is the heatmap path only)."""
+    plain = build("unrolled", heatmap_scale=3.0)
+    gated = build("unrolled", heatmap_scale=3.0, presence=presence)
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    plain, gated = plain.double().eval(), gated.double().eval()
+    rows = None if samples is None else torch.tensor(samples)
+    a, b = plain(x, samples=rows), gated(x, samples=rows)
+    logits = a.logits if rows is None else a.logits[rows]
+    torch.testing.assert_close(b.seg[:, 0], a.seg[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(b.seg[:, 1:], a.seg[:, 1:] + F.logsigmoid(logits[:, 1:])[:, :, None, None],
+                               rtol=1e-12, atol=1e-12)
+    # the gradient of the summed object maps wrt the last layer's bias: the heatmap path gives none (a bias does not
+    # change input x gradient), so all of it is the prior's sigmoid(-logit) -- or zero when detached
+    fc = gated.classifier.fc
+    (grad,) = torch.autograd.grad(b.seg[:, 1:].sum(), fc.bias, allow_unused=True)
+    grad = torch.zeros_like(fc.bias) if grad is None else grad
+    expected = torch.zeros_like(grad)
+    if presence == "prior":
+        expected[1:] = (torch.sigmoid(-logits[:, 1:]) * x.shape[-1] * x.shape[-2]).sum(0).detach()
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_presence_refused_for_free_decoders_and_bad_values():
+    with pytest.raises(ValueError, match="presence"):
+        build("unet", presence="prior")
+    with pytest.raises(ValueError, match="presence must be"):
+        build("unrolled", presence="yes")

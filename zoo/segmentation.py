@@ -87,6 +87,7 @@ def tied_rules(rule: str = "lrp0", epsilon: float = 1e-6, bn_grad: bool = True) 
 
 
 BACKGROUNDS = ("heatmap", "constant")
+PRESENCES = ("none", "prior", "prior-detached")
 BN_MODES = ("grad", "const", "frozen")
 
 
@@ -95,14 +96,26 @@ class _Tied(nn.Module):
 
     ``background``: the background class's map is its heatmap ("heatmap", the paper), or one learnable constant
     ("constant", initialised at 0): a pixel is then an object of class k where k's scaled heatmap exceeds that
-    threshold. ``frozen_bn``: BatchNorm layers stay in eval mode in training (running statistics, not updated)."""
+    threshold. ``frozen_bn``: BatchNorm layers stay in eval mode in training (running statistics, not updated).
+
+    ``presence``: "none" (the paper: the maps are the scaled heatmaps) or "prior": each object class's map gets
+    ``log sigmoid(logit_k)`` added, so the pixel-wise softmax is a product of experts,
+    ``p(k | pixel) ~ sigmoid(logit_k) exp(T h_k(pixel))``: a class the classifier calls absent needs a much larger
+    heatmap to win a pixel. Why: the classifier's own heatmaps already say which digit is where once the argmax is
+    restricted to the classes it predicts present, and suppressing absent classes pixel by pixel is what the
+    segmentation training learns slowest (docs/notes/convergence-study.md). "prior-detached": the same, with the prior
+    a constant in the gradient (the logits then train through the classification loss only). The background map is
+    never changed."""
 
     has_logits, has_seg = True, True
     net: unroll.Unrolled
 
-    def _setup(self, heatmap_scale, init_scale, background: str, frozen_bn: bool) -> None:
+    def _setup(self, heatmap_scale, init_scale, background: str, frozen_bn: bool, presence: str = "none") -> None:
         if background not in BACKGROUNDS:
             raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
+        if presence not in PRESENCES:
+            raise ValueError(f"presence must be one of {', '.join(PRESENCES)}, got {presence!r}")
+        self.presence = presence
         self.scale = HeatmapScale(heatmap_scale, init_scale)
         self.background = background
         self.frozen_bn = frozen_bn
@@ -127,6 +140,13 @@ class _Tied(nn.Module):
         if _empty(samples):
             return SegOutput(logits, x.new_zeros(0, logits.shape[1], *x.shape[2:]))
         maps = self.scale(self.net.decode(logits, saved, samples=samples))
+        if self.presence != "none":
+            rows = logits if samples is None else logits[samples]
+            prior = nn.functional.logsigmoid(rows.to(maps.dtype))
+            if self.presence == "prior-detached":
+                prior = prior.detach()
+            prior = torch.cat([torch.zeros_like(prior[:, :1]), prior[:, 1:]], dim=1)  # background column unchanged
+            maps = maps + prior[:, :, None, None]
         if self.background == "constant":
             level = self.background_level.to(maps.dtype).expand(maps.shape[0], 1, *maps.shape[2:])
             maps = torch.cat([level, maps[:, 1:]], dim=1)
@@ -143,7 +163,7 @@ class UnrolledModel(_Tied):
     def __init__(self, classifier: nn.Module, rule: str = "lrp0", epsilon: float = 1e-6,
                  heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
                  classes_per_chunk: int | str | None = "auto", checkpoint: bool = False,
-                 background: str = "heatmap", frozen_bn: bool = False, gradient=None):
+                 background: str = "heatmap", frozen_bn: bool = False, gradient=None, presence: str = "none"):
         super().__init__()
         memory = {"classes_per_chunk": classes_per_chunk, "checkpoint": checkpoint}
         if gradient is not None:
@@ -152,7 +172,7 @@ class UnrolledModel(_Tied):
             self.net = reference.compile(classifier, gradient, **memory)
         else:
             self.net = unroll.compile(classifier, rules=tied_rules(rule, epsilon, bn_grad), **memory)
-        self._setup(heatmap_scale, init_scale, background, frozen_bn)
+        self._setup(heatmap_scale, init_scale, background, frozen_bn, presence)
 
 
 class WSAEModel(_Tied):
@@ -160,12 +180,12 @@ class WSAEModel(_Tied):
 
     def __init__(self, classifier: nn.Module, heatmap_scale: float | str = 1.0, init_scale: float = 1.0,
                  bn_grad: bool = True, classes_per_chunk: int | str | None = "auto", checkpoint: bool = False,
-                 background: str = "heatmap", frozen_bn: bool = False):
+                 background: str = "heatmap", frozen_bn: bool = False, presence: str = "none"):
         super().__init__()
         # zoo.WSAE's decoder (gates -> ReLU on the signal), compiled here so the BatchNorm rule can be chosen too.
         self.net = unroll.compile(classifier, rules=tied_rules("ws-ae", bn_grad=bn_grad),
                                   classes_per_chunk=classes_per_chunk, checkpoint=checkpoint)
-        self._setup(heatmap_scale, init_scale, background, frozen_bn)
+        self._setup(heatmap_scale, init_scale, background, frozen_bn, presence)
 
 
 class UNetModel(nn.Module):
@@ -195,13 +215,15 @@ def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float 
           heatmap_scale: float | str = 1.0, init_scale: float = 1.0, bn_grad: bool = True,
           perturbation: str = "none", seed: int = 0, classes_per_chunk: int | str | None = "auto",
           checkpoint: bool = False, background: str = "heatmap", bn: str | None = None,
-          gradient=None) -> nn.Module:
+          gradient=None, presence: str = "none") -> nn.Module:
     """The model called `name` (see MODEL_NAMES) on `classifier` (used as is: pass a copy to keep the original).
 
     The classifier's logits must have `num_classes` outputs (background included) for the tied models, whose maps
     are one per logit. Free decoders (unet, mt-unet, fcn) are initialised from torch's global RNG.
     `classes_per_chunk` and `checkpoint` bound the tied decoder's memory (see ``unroll.compile``; same results).
-    Tied models only: `background` ("heatmap" or "constant", see _Tied) and `bn`, the BatchNorm handling in training
+    Tied models only: `background` ("heatmap" or "constant", see _Tied), `presence` ("none", "prior",
+    "prior-detached": the classifier's log sigmoid(logit) added to the object maps, see _Tied) and `bn`, the BatchNorm
+    handling in training
     ("grad": bn_grad=True, "const": bn_grad=False, "frozen": eval-mode BatchNorm; None: as `bn_grad` says).
     `gradient` (an ``unroll.reference.ReferenceGradient``, "unrolled" only): train with the reference code's gradient.
     """
@@ -216,11 +238,12 @@ def build(name: str, classifier: nn.Module, num_classes: int, *, epsilon: float 
         raise ValueError(f"perturbation={perturbation!r} is for the classifier stage (model-pert), not {name!r}")
     if bn is not None and bn not in BN_MODES:
         raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
-    if name not in TIED and (background != "heatmap" or bn not in (None, "grad")):
-        raise ValueError(f"background / bn choose how a tied model's heatmaps train; {name!r} has none")
+    if name not in TIED and (background != "heatmap" or bn not in (None, "grad") or presence != "none"):
+        raise ValueError(f"background / presence / bn choose how a tied model's heatmaps train; {name!r} has none")
     if bn is not None:
         bn_grad = bn == "grad"
     memory = {"classes_per_chunk": classes_per_chunk, "checkpoint": checkpoint, "background": background,
+              "presence": presence,
               "frozen_bn": bn == "frozen"}
     if name in TIED:
         k = _num_logits(classifier)
