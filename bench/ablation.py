@@ -47,7 +47,8 @@ class Row:
 # The base recipe: bench.digits' defaults before this study (learned temperature initialised at 10, raw input, lr
 # 3e-3 cosine to 3e-4, 200 steps, one summed gradient, BatchNorm variance in the gradient graph).
 BASE = ("--heatmap-scale", "learn", "--init-scale", "10", "--input", "raw", "--tied-lr", "3e-3", "--steps", "200",
-        "--eval-every", "25", "--cls-weight", "1", "--bn", "grad", "--balance", "sum", "--background", "heatmap")
+        "--eval-every", "25", "--cls-weight", "1", "--bn", "grad", "--balance", "sum", "--background", "heatmap",
+        "--presence", "none")
 
 ROWS: tuple[Row, ...] = (
     Row("base", "base", (), "bench.digits' defaults before the study"),
@@ -100,6 +101,8 @@ ROWS: tuple[Row, ...] = (
     Row("bgc30+prior-detached", "presence", ("--background", "constant", "--calibration-lr", "30", "--presence",
                                              "prior-detached"),
         "constant background, 30x calibration lr, detached presence prior"),
+    Row("prior-detached+steps2000", "budget", ("--presence", "prior-detached", "--steps", "2000", "--eval-every",
+                                               "100"), "detached presence prior, 2,000 steps"),
     # The reference code's training gradient (unroll.reference: LRP-epsilon relevance on live activations, aliased
     # tied weights stepped twice, overwriting unpooling), alone and within the reference code's recipe, each paired
     # with the exact gradient under the same recipe: the pair isolates what the inexact gradient does.

@@ -181,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--background", choices=bench_models.BACKGROUNDS, default="heatmap",
                    help="tied models: the background map is the background class's heatmap, or one learnable "
                         "constant (a threshold the object heatmaps must exceed)")
-    g.add_argument("--presence", choices=bench_models.PRESENCES, default="none",
-                   help="tied models: 'prior' adds the classifier's log sigmoid(logit) to each object class's map "
-                        "(a class called absent needs a larger heatmap to win a pixel); 'prior-detached' the same "
-                        "without its gradient; 'none' the paper's maps")
+    g.add_argument("--presence", choices=bench_models.PRESENCES, default="prior-detached",
+                   help="tied models: 'prior-detached' (default, chosen by bench.ablation on validation) adds the "
+                        "classifier's log sigmoid(logit), as a constant, to each object class's map (a class called "
+                        "absent needs a larger heatmap to win a pixel); 'prior' the same with its gradient; 'none' "
+                        "the paper's maps")
     g.add_argument("--calibration-lr", type=_positive_float, default=1.0,
                    help="lr factor of the tied models' calibration scalars (learned heatmap temperature, "
                         "constant background level)")
@@ -227,8 +228,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--size {args.size} is too small for digit scenes (at least 8)")
     if args.widths is not None and args.backbone != "small_vgg":
         raise ValueError("--widths applies to --backbone small_vgg only")
-    if args.presence != "none" and not set(args.models) & set(TIED):
-        raise ValueError(f"--presence applies to the tied models ({', '.join(TIED)}); --models has none")
     if args.gradient != "exact" and "unrolled" not in args.models:
         raise ValueError("--gradient applies to the 'unrolled' model; --models has none")
     if args.seg_weight == 0 and args.cls_weight == 0:
