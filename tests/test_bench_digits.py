@@ -115,3 +115,16 @@ def test_missing_mnist_root_exits_2(tmp_path, capsys):
     assert code == 2
     assert "mnist digits not found" in capsys.readouterr().out.replace("\n", " ")
     assert not (tmp_path / "o").exists()
+
+
+def test_presence_prior_is_the_tied_default_and_none_keeps_older_runs_cached(tmp_path):
+    """The default plan gives the tied models --presence prior-detached (the free decoders no such key); --presence
+    none gives exactly the task a run from before the flag had (no key), so cached runs stay valid."""
+    def plan(*flags):
+        args = digits.resolve(digits.build_parser().parse_args(
+            ["--models", "unrolled,ws-ae,unet", "--labels", "10", "--seeds", "1", "--out", str(tmp_path), *flags]))
+        return {t["model"]: t for t in digits.plan(args, 100) if t["kind"] == "seg"}
+    default, none = plan(), plan("--presence", "none")
+    assert default["unrolled"]["presence"] == default["ws-ae"]["presence"] == "prior-detached"
+    assert "presence" not in default["unet"] and "presence" not in none["unrolled"]
+    assert {k: v for k, v in default["unrolled"].items() if k != "presence"} == none["unrolled"]
