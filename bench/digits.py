@@ -750,11 +750,14 @@ def make_figures(args: argparse.Namespace, res: dict, out: Path) -> list[Path]:
                                                title=f"test scenes, seed 0, N={n} pixel-labelled scenes"))
         if heat is not None:
             model, h, snaps = heat
+            # what the softmax sees: the scaled heatmaps, plus the classifier's log sigmoid(logit) under the prior
+            what = "maps (scaled heatmap + presence prior)" if res["config"].get("presence", "none") != "none" \
+                else "heatmaps"
             paths.append(figures.heatmaps_figure(out / f"heatmaps_N{n}.png", imgs, h, class_names, masks,
-                                                 title=f"{model} heatmaps per class (test scenes, seed 0, N={n})"))
+                                                 title=f"{model} {what} per class (test scenes, seed 0, N={n})"))
             snaps = [(s, x.float()) for s, x in snaps]
             paths.append(figures.evolution_figure(out / f"evolution_N{n}.png", evo_imgs, evo_masks, snaps, class_names,
-                                                  title=f"{model} heatmaps during training (validation scenes, N={n})"))
+                                                  title=f"{model} {what} during training (validation scenes, N={n})"))
         if histories:
             paths.append(figures.curves_figure(out / f"curves_N{n}.png", histories,
                                                title=f"seed 0, N={n}: validation mIoU and training loss"))
