@@ -130,6 +130,7 @@ ROW_NAMES = tuple(r.name for r in ROWS)
 QUICK = ("--train-scenes", "60", "--val-scenes", "16", "--test-scenes", "16", "--clf-steps", "10",
          "--eval-every", "2")
 QUICK_STEPS = 4  # every row's budget in --quick, three times that for a long-budget row
+PLOT_MAX = 12  # more curves than this in one panel are unreadable
 LOSS_AT = (10, 50, 100, 200, 1000, 2000)  # training loss reported at these steps (mean over the 10 steps up to it)
 REACH = (0.30, 0.40)  # steps to reach these validation mIoUs
 
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cached-only", action="store_true",
                    help="train nothing: tabulate the runs already finished in OUT (rows / seeds / N without a "
                         "finished run show '-' or fewer seeds)")
+    p.add_argument("--plot", default="auto",
+                   help="rows drawn in curves.png (comma-separated names); 'auto': every row when there are at most "
+                        f"{PLOT_MAX}, else the {PLOT_MAX} run on the most seeds (the table always has every row)")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     return p
 
@@ -318,7 +322,24 @@ def markdown(res: dict) -> str:
     ]) + "\n"
 
 
-def curves_figure(res: dict, path: Path) -> Path:
+def plot_rows(res: dict, spec: str = "auto") -> list[str]:
+    """The rows curves.png draws: the named ones (in the table's order), or with "auto" every row if there are at most
+    PLOT_MAX, else the PLOT_MAX run on the most seeds at any N (ties: table order)."""
+    names = [e["row"] for e in res["rows"]]
+    if spec != "auto":
+        wanted = [n.strip() for n in spec.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise ValueError(f"--plot names rows not in this table: {', '.join(unknown)}")
+        return [n for n in names if n in wanted]
+    if len(names) <= PLOT_MAX:
+        return names
+    seeds = {e["row"]: max(len(b.get("seeds") or []) for b in e["by_n"].values()) for e in res["rows"]}
+    keep = set(sorted(names, key=lambda n: -seeds[n])[:PLOT_MAX])
+    return [n for n in names if n in keep]
+
+
+def curves_figure(res: dict, path: Path, rows: list[str] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,9 +347,9 @@ def curves_figure(res: dict, path: Path) -> Path:
 
     n0 = res["label_counts"][0]
     seg = [r for r in res["runs"] if r["task"]["kind"] == "seg"]
-    names = [e["row"] for e in res["rows"]]
+    names = rows if rows is not None else plot_rows(res)
     cmap = plt.get_cmap("tab20")
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
     for i, name in enumerate(names):
         color = cmap(i % 20)
         style = "--" if i >= 20 else "-"
@@ -354,8 +375,9 @@ def curves_figure(res: dict, path: Path) -> Path:
                 title="test mIoU vs N")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7, ncol=2, loc="best")
-    fig.suptitle(f"bench.ablation, {res['source']} digit scenes, {res['seeds']} seed(s)")
+    axes[2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    shown = "" if len(names) == len(res["rows"]) else f"; {len(names)} of {len(res['rows'])} rows (the table has all)"
+    fig.suptitle(f"bench.ablation, {res['source']} digit scenes, up to {res['seeds']} seed(s){shown}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -370,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         rows = _rows(args)
+        if args.plot != "auto":  # checked before any training, against the rows asked for
+            plot_rows({"rows": [{"row": r.name, "by_n": {}} for r in rows]}, args.plot)
     except ValueError as err:
         parser.error(str(err))
     if args.list:
@@ -413,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     res = summarize(rows, results, counts, args, time.perf_counter() - t0)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     (out / "results.md").write_text(markdown(res))
-    curves_figure(res, out / "curves.png")
+    curves_figure(res, out / "curves.png", plot_rows(res, args.plot))
     console.print(markdown(res).split("\n\n")[2], highlight=False)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
     return 0

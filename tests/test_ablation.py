@@ -73,3 +73,21 @@ def test_reference_gradient_rows_change_the_gradient_only(quick_run):
         assert "gradient" not in a["task"] and b["task"]["gradient"] == "reference"
         assert a["step_loss"][0] == pytest.approx(b["step_loss"][0], rel=1e-5)
         assert max(abs(x - y) for x, y in zip(a["step_loss"][1:], b["step_loss"][1:])) > 1e-4
+
+
+def test_plot_rows_auto_keeps_the_most_seeded_rows_and_named_rows_are_checked(capsys):
+    def table(seeds):
+        return {"rows": [{"row": f"r{i}", "by_n": {"10": {"seeds": list(range(k))}}} for i, k in enumerate(seeds)]}
+    few = table([1, 2, 3])
+    assert ablation.plot_rows(few) == ["r0", "r1", "r2"]  # at most PLOT_MAX: every row
+    many = table([1] * 10 + [3] * 5 + [2] * 5)
+    picked = ablation.plot_rows(many)
+    assert len(picked) == ablation.PLOT_MAX
+    assert set(picked) >= {f"r{i}" for i in range(10, 20)}  # every 3- and 2-seed row, then 1-seed rows in order
+    assert picked == sorted(picked, key=lambda n: int(n[1:]))  # table order
+    assert ablation.plot_rows(many, "r19, r0") == ["r0", "r19"]
+    with pytest.raises(ValueError, match="nope"):
+        ablation.plot_rows(many, "r0,nope")
+    with pytest.raises(SystemExit):
+        ablation.main(["--rows", "base,unet", "--plot", "base,offset"])
+    assert "--plot names rows not in this table: offset" in capsys.readouterr().err
