@@ -10,7 +10,7 @@
 Every run checkpoints; an interrupted experiment continues with --resume and ends with the same numbers.
 Runs go to --jobs worker processes (one thread each); results do not depend on --jobs.
 
-    python -m bench.digits                    # the default experiment: 7.5 min on 2 idle cores (measured)
+    python -m bench.digits                    # the default experiment: 10 min on 2 idle cores (measured)
     python -m bench.digits --quick            # a smoke test: 1-2 minutes
     python -m bench.digits --source mnist --root ../shared/data/mnist --labels 10,100
 """
