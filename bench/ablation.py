@@ -328,6 +328,8 @@ def plot_rows(res: dict, spec: str = "auto") -> list[str]:
     names = [e["row"] for e in res["rows"]]
     if spec != "auto":
         wanted = [n.strip() for n in spec.split(",") if n.strip()]
+        if not wanted:
+            raise ValueError("--plot names no rows (give row names, or 'auto')")
         unknown = sorted(set(wanted) - set(names))
         if unknown:
             raise ValueError(f"--plot names rows not in this table: {', '.join(unknown)}")

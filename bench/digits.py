@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-scale", type=_positive_float, default=10.0, help="initial learnable heatmap scale")
     g.add_argument("--epsilon", type=_positive_float, default=1e-2, help="LRP-epsilon's epsilon (unrolled-eps)")
     g.add_argument("--cls-loss", choices=CLS_LOSSES, default="bce",
-                   help="image-level loss: 'bce' (ours, mean over classes) or 'reference' (the reference code's "
-                        "multilabel soft margin times the batch size)")
+                   help="image-level loss of the segmentation stage: 'bce' (ours, mean over classes) or 'reference' "
+                        "(the reference code's multilabel soft margin times the batch size); the classifier stage "
+                        "always uses BCE")
     g.add_argument("--gradient", choices=("exact", "reference"), default="exact",
                    help="the unrolled model's training gradient: 'exact' (unroll.compile, input x gradient) or "
                         "'reference' (the reference code's, unroll.reference: LRP-epsilon relevance on live "
@@ -230,6 +231,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--widths applies to --backbone small_vgg only")
     if args.gradient != "exact" and "unrolled" not in args.models:
         raise ValueError("--gradient applies to the 'unrolled' model; --models has none")
+    if args.gradient == "reference" and args.bn == "const":
+        raise ValueError("--bn const does not apply to --gradient reference (its BatchNorm ratios are detached "
+                         "anyway); use --bn grad or frozen")
+    if args.calibration_lr != 1.0 and args.heatmap_scale != "learn" and args.background != "constant":
+        raise ValueError("--calibration-lr scales the lr of the learnt temperature and background level; with a "
+                         "fixed --heatmap-scale and --background heatmap there are none")
     if args.seg_weight == 0 and args.cls_weight == 0:
         raise ValueError("--seg-weight and --cls-weight cannot both be 0")
     return args
@@ -317,7 +324,8 @@ def plan(args: argparse.Namespace, n_train: int) -> list[dict]:
                     "figures": not args.no_figures and seed == 0, "keep": args.keep_checkpoints,
                     "heatmap_scale": args.heatmap_scale, "init_scale": args.init_scale, "epsilon": args.epsilon,
                     **({"background": args.background, "bn": args.bn} if model in TIED else {}),
-                    # only when not the default: a run cached before the flag existed stays the same run
+                    # keys only when not the old behaviour (exact gradient, no prior): a run cached before the
+                    # flags existed stays the same run
                     **({"gradient": args.gradient} if model == "unrolled" and args.gradient != "exact" else {}),
                     **({"presence": args.presence} if model in TIED and args.presence != "none" else {}),
                     "train": asdict(TrainConfig(steps=args.steps, batch_size=args.batch_size,

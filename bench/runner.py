@@ -191,6 +191,9 @@ def check(args: argparse.Namespace) -> None:
     if args.model not in TIED and (args.classes_per_chunk != "auto" or args.decoder_checkpoint):
         raise ValueError(f"--classes-per-chunk / --decoder-checkpoint apply to the tied models ({', '.join(TIED)}); "
                          f"--model {args.model} has a free decoder")
+    if args.calibration_lr != 1.0 and args.heatmap_scale != "learn" and args.background != "constant":
+        raise ValueError("--calibration-lr scales the lr of the learnt heatmap scale and background level; with a "
+                         "fixed --heatmap-scale and --background heatmap there are none")
     if args.model not in TIED and args.presence != "none":
         raise ValueError(f"--presence {args.presence} applies to the tied models ({', '.join(TIED)}), "
                          f"not --model {args.model}")

@@ -88,6 +88,8 @@ def test_plot_rows_auto_keeps_the_most_seeded_rows_and_named_rows_are_checked(ca
     assert ablation.plot_rows(many, "r19, r0") == ["r0", "r19"]
     with pytest.raises(ValueError, match="nope"):
         ablation.plot_rows(many, "r0,nope")
+    with pytest.raises(ValueError, match="names no rows"):
+        ablation.plot_rows(many, " , ")
     with pytest.raises(SystemExit):
         ablation.main(["--rows", "base,unet", "--plot", "base,offset"])
     assert "--plot names rows not in this table: offset" in capsys.readouterr().err

@@ -102,6 +102,8 @@ def test_cli_resume_matches_uninterrupted(tiny_run, tmp_path, monkeypatch):
     (["--pixel-fraction", "1"], "strictly between 0 and 1"),
     (["--labels", "5000"], "exceed the"),
     (["--gradient", "reference", "--models", "unet"], "--gradient applies to the 'unrolled' model"),
+    (["--gradient", "reference", "--bn", "const"], "--bn const does not apply"),
+    (["--calibration-lr", "30", "--heatmap-scale", "10"], "there are none"),
 ])
 def test_bad_flags_exit_2_with_a_message(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:

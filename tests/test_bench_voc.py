@@ -169,6 +169,7 @@ def test_missing_data_exits_2(tmp_path, capsys):
     (["--model", "fcn", "--classes-per-chunk", "3"], "apply to the tied models"),
     (["--model", "unet", "--background", "constant"], "applies to the tied models"),
     (["--model", "fcn", "--presence", "prior"], "applies to the tied models"),
+    (["--calibration-lr", "30"], "there are none"),
     (["--calibration-lr", "0"], "--calibration-lr"),
 ])
 def test_bad_flags_are_usage_errors(bad, message, tmp_path, capsys):

@@ -140,7 +140,7 @@ def test_cached_runs_survive_a_new_trainconfig_field_at_its_default(tmp_path):
 
 
 @pytest.mark.parametrize("presence", ["prior", "prior-detached"])
-@pytest.mark.parametrize("samples", [None, [2, 0]])
+@pytest.mark.parametrize("samples", [None, [2, 0], (2, 0), (1,)])
 def test_presence_prior_adds_log_sigmoid_of_each_rows_logit(presence, samples):
     """Object map k of row b = scaled heatmap + log sigmoid(logit[b, k]); the background map unchanged; rows picked by
     samples get their own row's logits. 'prior' sends gradient into the logits through the prior, 'prior-detached'
@@ -150,7 +150,7 @@ def test_presence_prior_adds_log_sigmoid_of_each_rows_logit(presence, samples):
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     plain, gated = plain.double().eval(), gated.double().eval()
     rows = None if samples is None else torch.tensor(samples)
-    a, b = plain(x, samples=rows), gated(x, samples=rows)
+    a, b = plain(x, samples=rows), gated(x, samples=samples)  # the gated model gets the raw form (list / tuple)
     logits = a.logits if rows is None else a.logits[rows]
     torch.testing.assert_close(b.seg[:, 0], a.seg[:, 0], rtol=0, atol=0)
     torch.testing.assert_close(b.seg[:, 1:], a.seg[:, 1:] + F.logsigmoid(logits[:, 1:])[:, :, None, None],

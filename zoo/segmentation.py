@@ -141,7 +141,8 @@ class _Tied(nn.Module):
             return SegOutput(logits, x.new_zeros(0, logits.shape[1], *x.shape[2:]))
         maps = self.scale(self.net.decode(logits, saved, samples=samples))
         if self.presence != "none":
-            rows = logits if samples is None else logits[samples]
+            # as a tensor: a tuple would index dimensions, not rows (indices, a list or a bool mask all work)
+            rows = logits if samples is None else logits[torch.as_tensor(samples, device=logits.device)]
             prior = nn.functional.logsigmoid(rows.to(maps.dtype))
             if self.presence == "prior-detached":
                 prior = prior.detach()
