@@ -322,18 +322,23 @@ def markdown(res: dict) -> str:
     ]) + "\n"
 
 
+def named_rows(names: list[str], spec: str) -> list[str]:
+    """The rows --plot names (comma-separated), in the table's order; every name must be a row of the table."""
+    wanted = [n.strip() for n in spec.split(",") if n.strip()]
+    if not wanted:
+        raise ValueError("--plot names no rows (give row names, or 'auto')")
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise ValueError(f"--plot names rows not in this table: {', '.join(unknown)}")
+    return [n for n in names if n in wanted]
+
+
 def plot_rows(res: dict, spec: str = "auto") -> list[str]:
-    """The rows curves.png draws: the named ones (in the table's order), or with "auto" every row if there are at most
-    PLOT_MAX, else the PLOT_MAX run on the most seeds at any N (ties: table order)."""
+    """The rows curves.png draws: the named ones, or with "auto" every row if there are at most PLOT_MAX, else the
+    PLOT_MAX run on the most seeds at any N (ties: table order)."""
     names = [e["row"] for e in res["rows"]]
     if spec != "auto":
-        wanted = [n.strip() for n in spec.split(",") if n.strip()]
-        if not wanted:
-            raise ValueError("--plot names no rows (give row names, or 'auto')")
-        unknown = sorted(set(wanted) - set(names))
-        if unknown:
-            raise ValueError(f"--plot names rows not in this table: {', '.join(unknown)}")
-        return [n for n in names if n in wanted]
+        return named_rows(names, spec)
     if len(names) <= PLOT_MAX:
         return names
     seeds = {e["row"]: max(len(b.get("seeds") or []) for b in e["by_n"].values()) for e in res["rows"]}
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = _rows(args)
         if args.plot != "auto":  # checked before any training, against the rows asked for
-            plot_rows({"rows": [{"row": r.name, "by_n": {}} for r in rows]}, args.plot)
+            named_rows([r.name for r in rows], args.plot)
     except ValueError as err:
         parser.error(str(err))
     if args.list:

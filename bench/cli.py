@@ -77,3 +77,11 @@ def progress_bar(console):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
+
+
+def check_calibration_lr(calibration_lr: float, heatmap_scale, background: str) -> None:
+    """--calibration-lr scales the lr of the calibration scalars (a learnt heatmap scale, a constant background level);
+    without either it would change nothing, so say so instead of running."""
+    if calibration_lr != 1.0 and heatmap_scale != "learn" and background != "constant":
+        raise ValueError("--calibration-lr scales the lr of the learnt heatmap scale and background level; with a "
+                         "fixed --heatmap-scale and --background heatmap there are none")

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from zoo import segmentation as bench_models
-from bench.cli import Help, integer, number
+from bench.cli import Help, check_calibration_lr, integer, number
 from zoo.segmentation import TIED  # models whose maps are heatmaps of the classifier
 from unroll.segmentation.classifier import train_classifier
 from unroll.segmentation.train import BALANCES, CLS_LOSSES, TrainConfig, evaluate, predict, stable_seed, train
@@ -234,9 +234,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.gradient == "reference" and args.bn == "const":
         raise ValueError("--bn const does not apply to --gradient reference (its BatchNorm ratios are detached "
                          "anyway); use --bn grad or frozen")
-    if args.calibration_lr != 1.0 and args.heatmap_scale != "learn" and args.background != "constant":
-        raise ValueError("--calibration-lr scales the lr of the learnt temperature and background level; with a "
-                         "fixed --heatmap-scale and --background heatmap there are none")
+    check_calibration_lr(args.calibration_lr, args.heatmap_scale, args.background)
     if args.seg_weight == 0 and args.cls_weight == 0:
         raise ValueError("--seg-weight and --cls-weight cannot both be 0")
     return args

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from rich.markup import escape  # messages hold paths and '[role]' tags, never markup
 
-from bench.cli import class_chunks, integer, number
+from bench.cli import check_calibration_lr, class_chunks, integer, number
 from bench.protocol import OURS, Protocol
 from unroll.segmentation.train import stable_seed
 from unroll.segmentation.transforms import denormalize
@@ -191,15 +191,10 @@ def check(args: argparse.Namespace) -> None:
     if args.model not in TIED and (args.classes_per_chunk != "auto" or args.decoder_checkpoint):
         raise ValueError(f"--classes-per-chunk / --decoder-checkpoint apply to the tied models ({', '.join(TIED)}); "
                          f"--model {args.model} has a free decoder")
-    if args.calibration_lr != 1.0 and args.heatmap_scale != "learn" and args.background != "constant":
-        raise ValueError("--calibration-lr scales the lr of the learnt heatmap scale and background level; with a "
-                         "fixed --heatmap-scale and --background heatmap there are none")
-    if args.model not in TIED and args.presence != "none":
-        raise ValueError(f"--presence {args.presence} applies to the tied models ({', '.join(TIED)}), "
-                         f"not --model {args.model}")
-    if args.model not in TIED and args.background != "heatmap":
-        raise ValueError(f"--background {args.background} applies to the tied models ({', '.join(TIED)}), "
-                         f"not --model {args.model}")
+    check_calibration_lr(args.calibration_lr, args.heatmap_scale, args.background)
+    for flag, value, default in (("--presence", args.presence, "none"), ("--background", args.background, "heatmap")):
+        if args.model not in TIED and value != default:
+            raise ValueError(f"{flag} {value} applies to the tied models ({', '.join(TIED)}), not --model {args.model}")
     if args.resume and args.overwrite:
         raise ValueError("give --resume or --overwrite, not both")
 
